@@ -518,6 +518,26 @@ class Store:
         else:
             self.fs.pipe_file(native, bytes(data))
 
+    def write_parquet(self, rel: str, table: pa.Table) -> int:
+        """Write ``table`` as one Parquet file at ``rel`` (folders created; atomic like :meth:`write_bytes`).
+
+        Ray Data workers use it for ``<artifact>/parts/<run>/<name>.parquet``; the driver then lists the
+        files with :meth:`ArtifactWriter.add_existing_part`.  S3 uploads stream (multipart for large
+        files); an interrupted upload never completes an object, and an uncommitted part is ignored.
+
+        Returns:
+            The file size in bytes.
+        """
+        if not isinstance(table, pa.Table):
+            raise StorageError(f"write_parquet({self.uri(rel)}): expected a pyarrow Table, got {type(table).__name__}")
+        native = self.path(rel)
+        if self.protocol == "file":
+            self._write_local_atomic(native, lambda f: pq.write_table(table, f))
+            return os.path.getsize(native)
+        with self.fs.open(native, "wb") as f:
+            pq.write_table(table, f)
+        return int(self.fs.info(native)["size"])
+
     def read_json(self, rel: str) -> Any:
         """Parsed JSON at ``rel`` (FileNotFoundError if absent, StorageError if not JSON)."""
         raw = self.read_bytes(rel)
@@ -784,16 +804,48 @@ class ArtifactWriter:
             raise StorageError(f"part {name!r} of {self.uri} has a different schema from the artifact's: "
                                f"{_schema_diff(self._schema, schema)}")
         prel = f"{PARTS_DIR}/{name}.parquet"
-        native = self.store.path(self.rel, prel)
-        if self.store.protocol == "file":
-            self.store._write_local_atomic(native, lambda f: pq.write_table(table, f))
-            size = os.path.getsize(native)
-        else:
-            with self.store.fs.open(native, "wb") as f:
-                pq.write_table(table, f)
-            size = int(self.store.fs.info(native)["size"])
+        size = self.store.write_parquet(f"{self.rel}/{prel}", table)
         self._parts.append({"name": name, "path": prel, "rows": int(table.num_rows), "bytes": size})
         logger.debug("wrote part %s (%d rows, %d bytes)", self.store.uri(self.rel, prel), table.num_rows, size)
+        return name
+
+    def add_existing_part(self, name: str) -> str:
+        """List a Parquet file that is already under ``<rel>/parts/`` (written by Ray Data workers).
+
+        Workers write to ``store.path(rel, "parts", "<run>/<name>.parquet")`` through
+        :meth:`Store.pyarrow_filesystem`; the driver then lists those files here and commits.  Rows,
+        size and schema are read from the file's Parquet footer (no data is read).
+
+        Args:
+            name: path under ``parts/`` (``run-1/shard-0.parquet`` or ``run-1/shard-0``; sub-folders allowed).
+
+        Returns:
+            The part name as listed in the manifest (the path without ``.parquet``).
+
+        Raises:
+            StorageError: bad or duplicate name, missing file, or a schema mismatch.
+        """
+        self._check_open()
+        if isinstance(name, str) and name.endswith(".parquet"):
+            name = name[: -len(".parquet")]
+        segs = _split_rel(name, f"part name of {self.uri}")
+        name = "/".join(segs)
+        if name in self._committed_part_names() or any(p["name"] == name for p in self._parts):
+            raise StorageError(f"part {name!r} already exists in {self.uri}; part names must be unique")
+        prel = f"{PARTS_DIR}/{name}.parquet"
+        native = self.store.path(self.rel, prel)
+        try:
+            size = int(self.store.fs.info(native)["size"])
+            meta = pq.read_metadata(native, filesystem=self.store.pyarrow_filesystem())
+        except FileNotFoundError:
+            raise StorageError(f"part {name!r} of {self.uri}: no file at {self.store.uri(self.rel, prel)}") from None
+        schema = meta.schema.to_arrow_schema().remove_metadata()
+        if self._schema is None:
+            self._schema = schema
+        elif not schema.equals(self._schema):
+            raise StorageError(f"part {name!r} of {self.uri} has a different schema from the artifact's: "
+                               f"{_schema_diff(self._schema, schema)}")
+        self._parts.append({"name": name, "path": prel, "rows": int(meta.num_rows), "bytes": size})
         return name
 
     def write_file(self, name: str, data: bytes) -> None:

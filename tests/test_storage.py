@@ -462,3 +462,28 @@ def test_fingerprint_files_s3(s3_bucket):
 def test_store_is_importable_without_side_effects(tmp_path):
     Store(str(tmp_path / "never"))
     assert not os.path.exists(tmp_path / "never")  # constructing a Store creates nothing
+
+
+def test_add_existing_part_from_workers(store, rng):
+    """Ray Data workers write under parts/ through the pyarrow filesystem; the driver lists and commits."""
+    fs = store.pyarrow_filesystem()
+    t0, t1 = _table(rng, 3, 0), _table(rng, 2, 3)
+    fs.create_dir(store.path("f", "parts", "run-1"), recursive=True)  # pyarrow's local fs wants folders
+    pq.write_table(t0, store.path("f", "parts", "run-1/a.parquet"), filesystem=fs)
+    assert store.write_parquet("f/parts/run-1/b.parquet", t1) > 0  # creates folders itself
+    store.write_parquet("f/parts/run-1/bad.parquet", t1.drop_columns(["word"]))
+    with store.open_artifact("f", kind="features", config_hash="h", append=True) as w:
+        assert w.add_existing_part("run-1/a.parquet") == "run-1/a"
+        w.add_existing_part("run-1/b")
+        with pytest.raises(StorageError, match=r"missing columns \['word'\]"):
+            w.add_existing_part("run-1/bad.parquet")
+        with pytest.raises(StorageError, match="no file at"):
+            w.add_existing_part("run-1/none.parquet")
+        with pytest.raises(StorageError, match="traversal"):
+            w.add_existing_part("../x.parquet")
+    m = store.manifest("f")
+    assert [(p["name"], p["rows"]) for p in m["parts"]] == [("run-1/a", 3), ("run-1/b", 2)]
+    assert store.read_table("f").equals(pa.concat_tables([t0, t1]))
+    with store.open_artifact("f", kind="features", config_hash="h", append=True) as w:
+        with pytest.raises(StorageError, match="already exists"):
+            w.add_existing_part("run-1/a")
