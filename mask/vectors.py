@@ -39,7 +39,6 @@ import re
 import shutil
 import tempfile
 import uuid
-import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -85,7 +84,8 @@ def load_vectors(source: str = KUMO_SOURCE, format: str | None = None, cache_dir
         cache_dir: folder for converted sources (None = :func:`default_cache_dir`).
 
     Returns:
-        ``gensim.models.KeyedVectors`` whose ``vectors`` (V, N) float32 are a read-only ``np.memmap``.
+        ``gensim.models.KeyedVectors`` whose ``vectors`` (V, N) float32 are a read-only ``np.memmap``
+        (lookups, ``most_similar`` and ``similarity`` work; copy with ``np.array(kv.vectors)`` to modify).
 
     Raises:
         VectorsError: see the module docstring.
@@ -453,17 +453,30 @@ def _has_w2v_header(path: str, origin: str) -> bool:
 
 
 def _parse_floats(chunk: list[bytes], dim: int) -> np.ndarray | None:
-    """Fast path: all float fields of a chunk at once; None when any field is not a number."""
-    blob = b" ".join(chunk).decode("ascii", errors="replace")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            arr = np.fromstring(blob, dtype=np.float32, sep=" ")  # (n * dim,)
-        except (ValueError, DeprecationWarning):
-            return None
-    if arr.size != len(chunk) * dim:
+    """Fast path: the numbers of a chunk of lines at once (Arrow's multithreaded CSV parser, strict: no
+    quoting, no nulls, exactly ``dim`` columns); None when any line is malformed, so the slow path names it."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    names = [f"f{i}" for i in range(dim)]
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(b"\n".join(chunk)),
+            read_options=pacsv.ReadOptions(column_names=names, block_size=8 << 20),
+            parse_options=pacsv.ParseOptions(delimiter=" ", quote_char=False, double_quote=False,
+                                             escape_char=False, newlines_in_values=False,
+                                             ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.float32()), null_values=[],
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid:
         return None
-    return arr.reshape(len(chunk), dim)  # (n, dim)
+    if table.num_rows != len(chunk):
+        return None
+    out = np.empty((len(chunk), dim), dtype=np.float32)  # (n, dim)
+    for j, col in enumerate(table.columns):
+        out[:, j] = col.to_numpy()
+    return out
 
 
 def _parse_line_floats(fields: bytes, dim: int, origin: str, line_no: int) -> np.ndarray:
@@ -531,12 +544,15 @@ def _convert_text(path: str, origin: str, fmt: str, workdir: Path, target: Path,
                                            f"by numbers, got {line[:80]!r}")
                 if writer is None:
                     writer = _CacheWriter(workdir, origin, dim)
-                parts = line.rsplit(b" ", dim)
-                if len(parts) != dim + 1:
+                # Parse from the right without splitting every field: dim spaces separate the token from
+                # the numbers; more spaces mean the token itself holds spaces (GloVe 840B: ". . .").
+                spaces = line.count(b" ")
+                if spaces < dim:
                     raise VectorsError(f"word vectors {origin}, line {line_no}: expected a token and {dim} "
-                                       f"numbers ({dim + 1} fields), got {len(parts)} field(s)")
-                keys.append(_decode(parts[0], bad_utf8))
-                nums.append(line[len(parts[0]) + 1:])
+                                       f"numbers ({dim + 1} fields), got {spaces + 1} field(s)")
+                cut = line.index(b" ") if spaces == dim else len(line.rsplit(b" ", dim)[0])
+                keys.append(_decode(line[:cut], bad_utf8))
+                nums.append(line[cut + 1:])
                 line_nos.append(line_no)
                 seen += 1
                 if len(keys) >= _CHUNK_LINES:
