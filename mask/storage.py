@@ -78,11 +78,12 @@ class ArtifactNotFound(StorageError):
 # Credentials: detection and redaction (also used by mask.tracking)
 # --------------------------------------------------------------------------------------------------
 
-_SECRET_KEY_RE = re.compile(
-    r"(secret|passw(or)?d|passwd|token|credential|api[_-]?key|apikey|access[_-]?key|private[_-]?key|"
-    r"auth|session[_-]?key|signature)",
-    re.IGNORECASE,
-)
+# Words that make a key name a credential ("aws_secret_access_key", "MLFLOW_TRACKING_TOKEN", "dbPassword"),
+# matched on whole words so that "tokenizer", "max_tokens" or "author" stay visible.
+_SECRET_WORDS = frozenset({"secret", "secrets", "password", "passwd", "pwd", "passphrase", "token", "credential",
+                           "credentials", "apikey", "auth", "authorization", "signature", "cookie"})
+_SECRET_WORD_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"),
+                                ("session", "key"), ("account", "key"), ("sas", "token")})
 _SECRET_VALUE_RES = (
     re.compile(r"\b(AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[A-Z0-9]{16}\b"),  # AWS access key ids
     re.compile(r"\b(ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{20,}\b"),  # GitHub tokens
@@ -107,7 +108,10 @@ def is_secret_key(key: str) -> bool:
         True when the last dotted segment looks like a credential name.
     """
     last = str(key).rsplit(".", 1)[-1]
-    return last.lower() in _CREDENTIAL_OPTION_KEYS or bool(_SECRET_KEY_RE.search(last))
+    if last.lower() in _CREDENTIAL_OPTION_KEYS:
+        return True
+    words = [w.lower() for w in re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", last)]
+    return any(w in _SECRET_WORDS for w in words) or any(p in _SECRET_WORD_PAIRS for p in zip(words, words[1:], strict=False))
 
 
 def redact_text(text: str) -> str:
