@@ -122,6 +122,32 @@ class DetectorConfig(_Strict):
     max_pixels: int = Field(default=90_000_000, ge=1)
     # Seed for random initialisation.
     seed: int = 0
+    # ResNet variant: v1 (caffe post-activation, the R101 model), v2 (pre-activation, the R152 model);
+    # auto = v2 for depth 152, else v1.  Depths: 101, 152, 50, and demo-only 14 / 26 (butd.BLOCKS_PER_STAGE).
+    variant: Literal["auto", "v1", "v2"] = "auto"
+    # Cell anchors when the checkpoint carries none: detectron2 (anchor_sizes in pixels, size-major; what
+    # the reference repo builds) or caffe (py-faster-rcnn: anchor_sizes are multiples of a 16 px base).
+    anchor_style: Literal["detectron2", "caffe"] = "detectron2"
+    anchor_sizes: list[float] = Field(default_factory=lambda: [4.0, 8.0, 16.0, 32.0])
+    # Anchor height/width ratios.
+    anchor_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    # RPN at test time: proposals kept before NMS, NMS IoU, proposals kept after NMS (reference 6000/0.7/300).
+    rpn_pre_nms_topk: int = Field(default=6000, ge=1)
+    rpn_nms_thresh: float = Field(default=0.7, gt=0.0, le=1.0)
+    rpn_post_nms_topk: int = Field(default=300, ge=1)
+    # Minimum proposal side in original-image pixels (reference 16).
+    rpn_min_size: float = Field(default=16.0, ge=0.0)
+    # Per-class NMS IoU behind each box's max confidence in modes fixed/adaptive (reference 0.3).
+    box_nms_thresh: float = Field(default=0.3, gt=0.0, le=1.0)
+    # Classes incl. background (VG: 1601) and attributes incl. "none" (VG: 401; 0 = no attribute head).
+    num_classes: int = Field(default=1601, ge=2)
+    num_attributes: int = Field(default=401, ge=0)
+    # Where the detector runs: auto = CUDA when available, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Seeded synthetic scenes used for BN calibration of random weights when no images are passed.
+    calibration_images: int = Field(default=16, ge=1)
+    # RoIs per chunk through the res5 head (bounds memory; results do not depend on it).
+    roi_chunk: int = Field(default=128, ge=1)
 
 
 class ModelConfig(_Strict):
