@@ -29,8 +29,8 @@ OodMethod = Literal["topm", "procrustes", "none"]
 
 # Reservoir key of a word that has no sample yet (larger than every real key).
 NO_KEY = np.iinfo(np.uint64).max
-# Query rows per chunk in ood_prototypes (bounds the (chunk, K) cosine block).
-OOD_QUERY_CHUNK = 2048
+# Query rows per chunk in ood_prototypes (bounds the (chunk, K) cosine block: 1024 × 12k = 50 MB).
+OOD_QUERY_CHUNK = 1024
 
 
 class KnowledgeError(ValueError):
@@ -431,10 +431,27 @@ def _check_ood_inputs(query_vectors: Any, known_vectors: Any, known_prototypes: 
     return q, kv, kp
 
 
-def _topm_exact(cos: np.ndarray, m: int) -> np.ndarray:
-    """Top-m columns per row, ties → lower index (slow path for rows with a tie at the boundary)."""
-    order = np.lexsort((np.broadcast_to(np.arange(cos.shape[1]), cos.shape), -cos), axis=1)
-    return order[:, :m]
+# Cosines closer than this (float32 error is ~1e-7·√N) are re-decided in float64 ...
+OOD_TIE_TOL = 1e-5
+# ... where values equal to this many decimals count as ties (→ lower index).
+OOD_TIE_DECIMALS = 9
+
+
+def _topm_exact(q: np.ndarray, kn64: np.ndarray, m: int) -> np.ndarray:
+    """Top-m known rows per query with float64 cosines rounded to OOD_TIE_DECIMALS; ties → lower index.
+
+    The slow path for rows whose float32 m-th and (m+1)-th cosines are within OOD_TIE_TOL: exact
+    ties in real arithmetic (parallel vectors) then resolve the same way whatever BLAS did.
+    """
+    qn = q.astype(np.float64)
+    qn /= np.maximum(np.linalg.norm(qn, axis=1, keepdims=True), 1e-300)
+    key = -np.round(qn @ kn64.T, OOD_TIE_DECIMALS)  # (r, K) smaller = better
+    kth = np.partition(key, m - 1, axis=1)[:, m - 1 : m]  # (r, 1) the m-th best key
+    out = np.empty((q.shape[0], m), np.int64)
+    for i in range(q.shape[0]):
+        cand = np.flatnonzero(key[i] <= kth[i, 0])  # ascending index; ≥ m of them
+        out[i] = cand[np.argsort(key[i, cand], kind="stable")[:m]]
+    return out
 
 
 def ood_prototypes(query_vectors: Any, known_vectors: Any, known_prototypes: Any, m: int,
@@ -442,8 +459,12 @@ def ood_prototypes(query_vectors: Any, known_vectors: Any, known_prototypes: Any
     """Eq. 11–13: prototypes of out-of-knowledge words from their top-m neighbours.
 
     For each query vector w_out: the m known words with the highest cosine (eq. 13, both sides
-    L2-normalised; ties → lower known index), weights = softmax over those m of the **raw** dot
-    products w_out · w_q (eq. 11), result = Σ weight · v_q (eq. 12).
+    L2-normalised), weights = softmax over those m of the **raw** dot products w_out · w_q
+    (eq. 11), result = Σ weight · v_q (eq. 12).
+
+    Ties: cosines are computed in float32; where the m-th and (m+1)-th are within 1e-5 the
+    choice is re-made in float64 with cosines rounded to 9 decimals, equal values going to the
+    lower known index — so words with parallel vectors resolve the same way on every machine.
 
     Rules: m > K is clipped to K. A query of all zeros has no direction: it gets the mean of all
     known prototypes (the uniform softmax over the whole knowledge); such queries are counted in
@@ -472,31 +493,42 @@ def ood_prototypes(query_vectors: Any, known_vectors: Any, known_prototypes: Any
     out = np.empty((q.shape[0], kp.shape[1]), np.float32)  # (Q, Z)
     if q.shape[0] == 0:
         return out
-    kv_t = torch.from_numpy(kv)  # (K, N)
-    kn = torch.nn.functional.normalize(kv_t, dim=1)  # (K, N)
-    kp_t = torch.from_numpy(kp)  # (K, Z)
+    # numpy's BLAS for the thin product (inner size N ≈ 50–300: measured ~2–3× faster than torch's
+    # here); torch only for the row-wise top-k (numpy's argpartition is ~10× slower); the small
+    # per-query steps in numpy so that the two libraries' thread pools do not wait on each other.
+    norms = np.linalg.norm(kv, axis=1, keepdims=True)  # (K, 1)
+    kv64 = kv.astype(np.float64)
+    norms64 = np.linalg.norm(kv64, axis=1, keepdims=True)
+    kn64 = np.divide(kv64, norms64, out=np.zeros_like(kv64), where=norms64 > 0)  # (K, N) for the tie path
+    kn_t = np.ascontiguousarray(np.divide(kv, norms, out=np.zeros_like(kv), where=norms > 0).T)  # (N, K)
+    mean_proto = kp.astype(np.float64).mean(axis=0).astype(np.float32)  # (Z,)
     n_zero = 0
     for q0 in range(0, q.shape[0], chunk):
-        qc = torch.from_numpy(q[q0:q0 + chunk])  # (c, N)
-        cos = torch.nn.functional.normalize(qc, dim=1) @ kn.T  # (c, K)
-        zero = (qc == 0).all(dim=1)  # (c,)
+        qc = q[q0:q0 + chunk]  # (c, N)
+        qnorm = np.linalg.norm(qc, axis=1, keepdims=True)  # (c, 1)
+        zero = qnorm[:, 0] == 0  # (c,)
+        cos = np.divide(qc, qnorm, out=np.zeros_like(qc), where=qnorm > 0) @ kn_t  # (c, K) eq. 13
         if m < k_known:
-            vals, idx = torch.topk(cos, m + 1, dim=1)  # (c, m+1) one extra to detect boundary ties
-            tie = ((vals[:, m - 1] == vals[:, m]) & ~zero).numpy()
-            idx = idx[:, :m]
-            if tie.any():  # rare: resolve "lower index first" exactly
+            vals, idx_t = torch.topk(torch.from_numpy(cos), m + 1, dim=1)  # (c, m+1): one extra to see ties
+            vals, idx = vals.numpy(), idx_t.numpy()
+            # a (near) tie across the boundary: re-decide in float64, ties → lower index
+            tie = (vals[:, m - 1] - vals[:, m] <= OOD_TIE_TOL) & ~zero
+            idx = idx[:, :m].copy()
+            if tie.any():
                 rows = np.flatnonzero(tie)
-                idx[rows] = torch.from_numpy(_topm_exact(cos[rows].numpy(), m))
+                idx[rows] = _topm_exact(qc[rows], kn64, m)
         else:
-            idx = torch.arange(k_known).expand(qc.shape[0], k_known)
-        idx, _ = torch.sort(idx, dim=1)  # order of the m terms fixed → deterministic sums
-        raw = torch.einsum("cn,cmn->cm", qc, kv_t[idx])  # (c, m) w_out · w_q
-        weights = torch.softmax(raw.double(), dim=1).float()  # (c, m) eq. 11
-        res = torch.bmm(weights.unsqueeze(1), kp_t[idx]).squeeze(1)  # (c, Z) eq. 12
+            idx = np.broadcast_to(np.arange(k_known), (qc.shape[0], k_known))
+        idx = np.sort(idx, axis=1)  # (c, m) fixed term order → deterministic sums
+        raw = np.einsum("cn,cmn->cm", qc.astype(np.float64), kv[idx].astype(np.float64))  # (c, m) w_out·w_q
+        raw -= raw.max(axis=1, keepdims=True)
+        weights = np.exp(raw)
+        weights /= weights.sum(axis=1, keepdims=True)  # (c, m) eq. 11
+        res = np.einsum("cm,cmz->cz", weights.astype(np.float32), kp[idx])  # (c, Z) eq. 12
         if zero.any():
             n_zero += int(zero.sum())
-            res[zero] = kp_t.mean(dim=0)
-        out[q0:q0 + chunk] = res.numpy()
+            res[zero] = mean_proto
+        out[q0:q0 + chunk] = res
     if n_zero:
         logger.warning("ood_prototypes: %d all-zero query vectors got the mean of all known prototypes", n_zero)
     return out
@@ -516,8 +548,13 @@ class SimilarityMap:
     scale: float
     t: np.ndarray
 
-    def __call__(self, w: np.ndarray) -> np.ndarray:
-        return (self.scale * (w.astype(np.float64) @ self.a.T) + self.t).astype(np.float32)  # (Q, Z)
+    def __call__(self, w: np.ndarray, chunk: int = 65536) -> np.ndarray:
+        """Map (Q, N) word vectors → (Q, Z) float32 prototypes (float64 inside, chunked)."""
+        out = np.empty((w.shape[0], self.a.shape[0]), np.float32)  # (Q, Z)
+        scaled = self.scale * self.a.T  # (N, Z)
+        for q0 in range(0, w.shape[0], chunk):
+            out[q0:q0 + chunk] = w[q0:q0 + chunk].astype(np.float64) @ scaled + self.t
+        return out
 
 
 def fit_similarity_procrustes(known_vectors: Any, known_prototypes: Any) -> SimilarityMap:

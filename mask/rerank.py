@@ -36,7 +36,8 @@ def _check_scores(x: Any, name: str) -> np.ndarray:
         raise RerankError(f"{name}: expected a 2-D (queries, gallery) array, got shape {arr.shape}")
     if arr.dtype.kind not in "fiu":
         raise RerankError(f"{name}: expected numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
+    if arr.dtype.kind != "f":
+        arr = arr.astype(np.float64)
     bad = ~np.isfinite(arr)
     if bad.any():
         r, c = np.argwhere(bad)[0]
@@ -96,6 +97,12 @@ def rerank_topk(base_scores: Any, mask_scores: Any, k: int, alpha: float) -> np.
         (Q, k) int64 gallery indices, best first.
     """
     b, m, k = _check_pair(base_scores, mask_scores, k, alpha)
+    return _rerank_rows(b, m, k, alpha)
+
+
+def _rerank_rows(b: np.ndarray, m: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    """rerank_topk on validated (Q, G) arrays with k already clipped."""
+    k = min(k, b.shape[1])
     if k == 0:
         return np.zeros((b.shape[0], 0), np.int64)
     cand, base_k = topk(b, k, axis=1)  # (Q, k), best base first; ties → lower index
@@ -116,19 +123,28 @@ class Reranked:
     t2i: np.ndarray
 
 
-def _reranked_matrix(base: np.ndarray, mask: np.ndarray, k: int, alpha: float) -> np.ndarray:
-    """Rows are queries: candidates get scores above every non-candidate, in fused order."""
-    order = rerank_topk(base, mask, k, alpha)  # (Q, k)
+def _reranked_matrix(base: np.ndarray, mask: np.ndarray, k: int, alpha: float, axis: int) -> np.ndarray:
+    """Queries along ``axis`` (1: rows, 0: columns): candidates score above every non-candidate of
+    their query, in fused order; non-candidates keep their base scores. Same layout as ``base``."""
+    rows_b, rows_m = (base, mask) if axis == 1 else (base.T, mask.T)
+    order = _rerank_rows(rows_b, rows_m, k, alpha)  # (Q, k)
     kk = order.shape[1]
     out = base.copy()
     if kk == 0 or base.size == 0:
         return out
     # candidates: top + step·(1 + k − rank) > every base score; non-candidates keep their base scores.
-    # step ≥ |top| keeps the increments far above float64 spacing whatever the scale of the scores.
+    # step ≥ |top| keeps the increments far above the float spacing whatever the scale of the scores.
     top = float(base.max())
     step = max(1.0, abs(top))
-    ranks = top + step * np.arange(kk + 1, 1, -1, dtype=np.float64)  # (k,)
-    np.put_along_axis(out, order, np.broadcast_to(ranks, order.shape), axis=1)
+    ranks64 = top + step * np.arange(kk + 1, 1, -1, dtype=np.float64)  # (k,)
+    ranks = ranks64.astype(out.dtype)
+    if not np.isfinite(ranks).all() or (np.diff(ranks) >= 0).any() or ranks[-1] <= top:
+        out, ranks = out.astype(np.float64), ranks64  # float32 too narrow for these scores
+    queries = np.arange(order.shape[0])[:, None]  # (Q, 1)
+    if axis == 1:
+        out[queries, order] = ranks[None, :]
+    else:
+        out[order, queries] = ranks[None, :]
     return out
 
 
@@ -146,9 +162,8 @@ def rerank_both(base: Any, mask: Any, k: int, alpha: float) -> Reranked:
         alpha: weight α.
 
     Returns:
-        :class:`Reranked` with ``i2t`` and ``t2i`` float64 matrices of shape (N_img, N_cap).
+        :class:`Reranked` with ``i2t`` and ``t2i`` matrices of shape (N_img, N_cap), in the input's
+        float dtype (float64 for integer input).
     """
     b, m, _ = _check_pair(base, mask, k, alpha)
-    i2t = _reranked_matrix(b, m, k, alpha)
-    t2i = _reranked_matrix(b.T, m.T, k, alpha).T
-    return Reranked(i2t=i2t, t2i=np.ascontiguousarray(t2i))
+    return Reranked(i2t=_reranked_matrix(b, m, k, alpha, axis=1), t2i=_reranked_matrix(b, m, k, alpha, axis=0))

@@ -194,8 +194,8 @@ def ood_naive(q, kv, kp, m):
         if not w.any():
             out.append(kp.astype(np.float64).mean(0))
             continue
-        cos = [float(w @ k / (np.linalg.norm(w) * max(np.linalg.norm(k), 1e-12))) for k in kv.astype(np.float64)]
-        top = sorted(range(len(kv)), key=lambda j: (-cos[j], j))[:m]  # eq. 13, ties → lower index
+        cos = [float(w @ k / (np.linalg.norm(w) * max(np.linalg.norm(k), 1e-300))) for k in kv.astype(np.float64)]
+        top = sorted(range(len(kv)), key=lambda j: (-np.round(cos[j], 9), j))[:m]  # eq. 13, ties → lower index
         raw = np.array([w @ kv[j] for j in top])
         s = np.exp(raw - raw.max())
         s /= s.sum()  # eq. 11
@@ -243,6 +243,7 @@ def test_property_ood_equals_naive(seed, k, m, ties):
     kv = g.normal(size=(k, 3)).astype(np.float32)
     if ties:
         kv = np.round(kv).astype(np.float32)  # duplicates and zero rows
+        kv[k // 2] = 3.0 * kv[0]  # a parallel vector: an exact tie in cosine
     kp = g.normal(size=(k, 2)).astype(np.float32)
     q = np.round(g.normal(size=(5, 3))).astype(np.float32) if ties else g.normal(size=(5, 3)).astype(np.float32)
     np.testing.assert_allclose(ood_prototypes(q, kv, kp, m, chunk=2), ood_naive(q, kv, kp, m), rtol=1e-4, atol=1e-5)

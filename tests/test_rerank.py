@@ -120,10 +120,12 @@ def test_rerank_both_directions(rng):
         assert order == list(rerank_naive(base.T[c:c + 1], mask.T[c:c + 1], 6, alpha)[0])
 
 
-def test_rerank_both_large_scores_stay_ordered(rng):
-    base = rng.normal(size=(3, 15)) * 1e18
-    mask = rng.normal(size=(3, 15))
+@pytest.mark.parametrize("scale,dtype", [(1e18, np.float64), (1.0, np.float32), (1e36, np.float32)])
+def test_rerank_both_large_scores_stay_ordered(rng, scale, dtype):
+    base = (rng.normal(size=(3, 15)) * scale).astype(dtype)
+    mask = rng.normal(size=(3, 15)).astype(dtype)
     res = rerank_both(base, mask, 5, 1.0)
+    assert np.isfinite(res.i2t).all() and np.isfinite(res.t2i).all()
     for i in range(3):
         order = np.argsort(-res.i2t[i], kind="stable")
         assert list(order[:5]) == list(rerank_naive(base[i:i + 1], mask[i:i + 1], 5, 1.0)[0])

@@ -294,3 +294,13 @@ def test_gallery_scorer_errors(rng):
         gs.add(np.arange(6), mu[:, :, :4], mask)
     with pytest.raises(ScoringError, match="k_images"):
         GalleryScorer(caps, protos, k_images=0)
+
+
+def test_fill_uses_the_lowest_score_over_all_row_blocks(rng):
+    mu, mask, _, protos = make(rng, n=1100, r=2, z=3)
+    mask[:, 0] = True
+    mu[1050, 0] = -50.0 * protos[0]  # the lowest real score sits beyond the first 1024-row block
+    mask[1050, 1] = False
+    got = score_matrix(mu, mask, [[0], []], protos)
+    assert got[:, 1].max() == got[:, 1].min() == fill_score(float(got[:, 0].min()))
+    assert got[:, 1].max() < got[:, 0].min() == got[1050, 0]
