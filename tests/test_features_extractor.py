@@ -214,3 +214,14 @@ def test_spec_from_config_variants():
     assert spec_from_config(DetectorConfig(depth=101)).version == 1
     s = spec_from_config(DetectorConfig(depth=50, variant="v2", anchor_style="caffe"))
     assert s.version == 2 and s.cell_anchors[0] == (-38.0, -16.0, 53.0, 31.0)
+
+
+def test_tiny_and_extreme_aspect_images_do_not_crash(fixed, given):
+    """A 1×900 image resizes to a 1-pixel-high blob: padded for the stem, and no box fits in it."""
+    for shape in [(1, 1, 3), (1, 900, 3), (3, 3, 3)]:
+        o = fixed([np.full(shape, 128, np.uint8)])[0]
+        assert o["num_boxes"] == 0 and o["features"].shape == (0, 2048)  # nothing ≥ 16 original px fits
+    o = fixed([np.full((20, 900, 3), 128, np.uint8)])[0]
+    assert o["num_boxes"] == 36 and (o["boxes"][:, 3] <= 19 + 1e-3).all()
+    o = given([np.full((2, 900, 3), 128, np.uint8)], [np.array([[0, 0, 100, 5.0]])])[0]
+    assert o["num_boxes"] == 1 and o["boxes"].tolist() == [[0, 0, 100, 1]]

@@ -55,6 +55,8 @@ BLOCKS_PER_STAGE: dict[int, tuple[int, int, int, int]] = {
 
 # Feature stride of res4 (the RPN and pooler input).
 FEATURE_STRIDE = 16
+# Blobs are zero-padded to at least this side (two res4 cells).
+MIN_INPUT_SIDE = 32
 # Largest dw/dh before exp (reference: a 16 px box may grow to 1000 px).
 SCALE_CLAMP = math.log(1000.0 / 16)
 
@@ -503,7 +505,8 @@ class BUTDDetector(nn.Module):
 
         Args:
             images: ``(3, H_i, W_i)`` float blobs from :func:`mask.features.images.resize_for_detector`;
-                different sizes are zero-padded to a batch (as detectron2's ``ImageList``).
+                different sizes are zero-padded to a batch (as detectron2's ``ImageList``), and every
+                side to at least ``MIN_INPUT_SIDE``.
             boxes: per image ``(K_i, 4)`` boxes in blob coordinates, used instead of the RPN; None = RPN.
             scales: per image resize factor (for the RPN minimum box side); default 1.
 
@@ -516,7 +519,10 @@ class BUTDDetector(nn.Module):
             return []
         scales = list(scales) if scales is not None else [1.0] * len(images)
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        hmax, wmax = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        # At least MIN_INPUT_SIDE: a blob a few pixels high (extreme aspect ratio) would pool to nothing
+        # in the stem; the padding is outside image_size, so no box reaches into it.
+        hmax = max(MIN_INPUT_SIDE, *(s[0] for s in sizes))
+        wmax = max(MIN_INPUT_SIDE, *(s[1] for s in sizes))
         x = images[0].new_zeros((len(images), 3, hmax, wmax))  # (N, 3, H, W)
         for i, im in enumerate(images):
             x[i, :, : sizes[i][0], : sizes[i][1]] = im
