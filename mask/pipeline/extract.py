@@ -1,0 +1,373 @@
+"""Region features on Ray Data: images → decode (CPU) → detector (actor pool) → Parquet parts.
+
+Stages are callable classes (the model is loaded once per actor in ``__init__``); resources are
+declared where ``map_batches`` is called.  The write stage writes one Parquet part per batch, named
+by the hash of the batch's image ids, so a retried batch overwrites its own part and never duplicates
+an image.  Parts go to ``parts/run-<id>/`` and only enter the artifact when the driver commits the
+manifest (last), so a crashed run leaves nothing a reader takes; a rerun skips committed images.
+
+Artifact: ``features/<dataset>/<extractor>/`` with one row per image:
+``image_id, boxes (list<float32>, n×4 xyxy original pixels), features (list<float16>, n×D),
+num_boxes, feature_dim, image_h, image_w, object_labels, object_scores, attr_labels, attr_scores``
+and, for given boxes, ``region_ids`` (the kept boxes' ids).  Failures: ``…/_errors/`` with
+``image_id, uri, stage, error, message``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mask.config import DetectorConfig, MaskConfig
+from mask.storage import Store
+
+logger = logging.getLogger(__name__)
+
+FEATURES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("boxes", pa.list_(pa.float32())),
+    ("features", pa.list_(pa.float16())),
+    ("num_boxes", pa.int32()),
+    ("feature_dim", pa.int32()),
+    ("image_h", pa.int32()),
+    ("image_w", pa.int32()),
+    ("object_labels", pa.list_(pa.int32())),
+    ("object_scores", pa.list_(pa.float32())),
+    ("attr_labels", pa.list_(pa.int32())),
+    ("attr_scores", pa.list_(pa.float32())),
+    ("region_ids", pa.list_(pa.string())),
+])
+
+DETECTOR_FILE = "detector.safetensors"
+
+ERRORS_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("uri", pa.string()),
+    ("stage", pa.string()),
+    ("error", pa.string()),
+    ("message", pa.string()),
+])
+
+
+def extractor_name(det: DetectorConfig) -> str:
+    """Folder name of a detector configuration: readable prefix + hash of everything."""
+    from mask.config import MaskConfig as _C
+
+    h = _C(detector=det).hash("detector")[:10]
+    return f"{det.backend}-r{det.depth}-{det.mode}-{h}"
+
+
+def features_rel(dataset: str, det: DetectorConfig) -> str:
+    return f"features/{dataset}/{extractor_name(det)}"
+
+
+def _batch_part_name(image_ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:24]
+
+
+def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
+                 det_cfg: dict[str, Any]) -> dict[str, Any]:
+    """CPU stage (Ray tasks): read image bytes from any URI, decode, resize + normalise for the detector.
+
+    Failures become error rows (``stage``, ``error``, ``message``), never exceptions.
+    """
+    from mask.features.extractor import spec_from_config
+    from mask.features.images import ImageError, decode_image, resize_for_detector
+
+    det = DetectorConfig.model_validate(det_cfg)
+    pixel_mean = spec_from_config(det).pixel_mean_bgr
+    n = len(batch["image_id"])
+    blobs: list[np.ndarray] = []
+    cols: dict[str, list] = {"scale": [], "image_h": [], "image_w": [], "stage": [], "error": [], "message": []}
+    for i in range(n):
+        uri = str(batch["uri"][i])
+        try:
+            img = decode_image(read_uri(uri, storage_options), max_pixels=det.max_pixels, source=uri)
+            blob, scale = resize_for_detector(img, det.min_size, det.max_size, pixel_mean)
+            blobs.append(blob)
+            vals = [scale, img.shape[0], img.shape[1], "", "", ""]
+        except ImageError as e:
+            blobs.append(np.zeros((3, 1, 1), np.float32))
+            vals = [1.0, 0, 0, e.stage, type(e).__name__, str(e)]
+        for k, v in zip(cols, vals, strict=True):
+            cols[k].append(v)
+    out = dict(batch)
+    out["blob"] = _object_array(blobs)
+    for k, v in cols.items():
+        out[k] = np.array(v, dtype=object if k in ("stage", "error", "message") else None)
+    return out
+
+
+def read_uri(uri: str, options: dict[str, Any]) -> bytes:
+    """Bytes of a local path or URI; a missing or unreadable file raises ImageError (stage ``read``)."""
+    import fsspec
+
+    from mask.features.images import ImageError
+
+    try:
+        with fsspec.open(uri, "rb", **(options if uri.startswith("s3://") else {})) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise ImageError("read", f"{uri}: file not found", source=uri) from e
+    except (OSError, ValueError) as e:
+        raise ImageError("read", f"{uri}: cannot read: {e}", source=uri) from e
+
+
+def _object_array(items: list) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):
+        arr[i] = x
+    return arr
+
+
+class DetectStage:
+    """Actor stage: one detector per actor, batched forward over the decoded images."""
+
+    def __init__(self, det_cfg: dict[str, Any], weights: tuple[str, dict, str] | None):
+        from mask.features.extractor import RegionExtractor
+
+        cfg = DetectorConfig.model_validate(det_cfg)
+        state = None
+        if weights is not None:  # (storage root, options, artifact) of committed detector weights
+            root, options, rel = weights
+            state = Store(root, options).read_file(rel, DETECTOR_FILE)
+        self.extractor = RegionExtractor.from_config(cfg, state_dict_bytes=state)
+        self.given = cfg.mode == "given"
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        n = len(batch["image_id"])
+        ok = [i for i in range(n) if not batch["error"][i]]
+        results: dict[int, dict] = {}
+        if ok:
+            blobs = [np.asarray(batch["blob"][i], np.float32) for i in ok]
+            scales = [float(batch["scale"][i]) for i in ok]
+            sizes = [(int(batch["image_h"][i]), int(batch["image_w"][i])) for i in ok]
+            boxes = None
+            if self.given:
+                boxes = [np.asarray(batch["boxes_in"][i], np.float32).reshape(-1, 4) for i in ok]
+            try:
+                outs = self.extractor.extract_prepared(blobs, scales, sizes, boxes)
+                results = dict(zip(ok, outs, strict=True))
+            except Exception as e:  # a batch that fails whole: retry one by one to isolate the culprit
+                logger.warning("detector batch failed (%s); retrying images one by one", e)
+                for j, i in enumerate(ok):
+                    try:
+                        b = None if boxes is None else [boxes[j]]
+                        results[i] = self.extractor.extract_prepared([blobs[j]], [scales[j]], [sizes[j]], b)[0]
+                    except Exception as e1:  # recorded as this image's error
+                        results[i] = {"error": f"{type(e1).__name__}: {e1}"}
+        return _detect_columns(batch, results, self.given)
+
+
+def _detect_columns(batch: dict[str, Any], results: dict[int, dict], given: bool) -> dict[str, Any]:
+    n = len(batch["image_id"])
+    cols: dict[str, list] = {k: [] for k in FEATURES_SCHEMA.names}
+    cols.update(uri=[], stage=[], error=[], message=[])
+    for i in range(n):
+        cols["image_id"].append(str(batch["image_id"][i]))
+        cols["uri"].append(str(batch["uri"][i]))
+        res = results.get(i)
+        err = batch["error"][i]
+        if res is not None and "error" in res:
+            cols["stage"].append("detect")
+            cols["error"].append("DetectorError")
+            cols["message"].append(f"{batch['uri'][i]}: {res['error']}")
+            res = None
+        elif res is None:
+            cols["stage"].append(batch["stage"][i])
+            cols["error"].append(err)
+            cols["message"].append(batch["message"][i])
+        elif len(res["boxes"]) == 0:
+            cols["stage"].append("boxes")
+            cols["error"].append("NoValidBoxes" if given else "NoBoxes")
+            cols["message"].append(
+                f"{batch['uri'][i]}: none of its {len(batch['boxes_in'][i]) // 4} ground-truth boxes is valid "
+                "inside the image" if given else f"{batch['uri'][i]}: the detector found no box in the image")
+            res = None
+        else:
+            cols["stage"].append("")
+            cols["error"].append("")
+            cols["message"].append("")
+        if res is None:
+            for k in FEATURES_SCHEMA.names[1:]:
+                cols[k].append(None)
+            continue
+        feats = np.asarray(res["features"], np.float16)
+        cols["boxes"].append(np.asarray(res["boxes"], np.float32).reshape(-1))
+        cols["features"].append(feats.reshape(-1))
+        cols["num_boxes"].append(int(feats.shape[0]))
+        cols["feature_dim"].append(int(feats.shape[1]) if feats.ndim == 2 else 0)
+        h, w = res["image_size"]
+        cols["image_h"].append(int(h))
+        cols["image_w"].append(int(w))
+        for k in ("object_labels", "attr_labels"):
+            cols[k].append(np.asarray(res.get(k, []), np.int32))
+        for k in ("object_scores", "attr_scores"):
+            cols[k].append(np.asarray(res.get(k, []), np.float32))
+        if given:
+            ids = np.asarray(batch["region_ids"][i], dtype=object)
+            kept = res.get("kept_indices")
+            if kept is None:
+                kept = np.arange(len(ids))
+            cols["region_ids"].append([str(ids[k]) for k in kept])
+        else:
+            cols["region_ids"].append([])
+    return {k: _object_array(v) for k, v in cols.items()}
+
+
+def write_batch(batch: dict[str, Any], root: str, options: dict[str, Any], rel: str, run_dir: str) -> dict[str, Any]:
+    """Write stage (Ray tasks): one batch as a Parquet part (+ an errors part); returns its metadata row."""
+    store = Store(root, options)
+    n = len(batch["image_id"])
+    good = [i for i in range(n) if not batch["error"][i]]
+    bad = [i for i in range(n) if batch["error"][i]]
+    name = _batch_part_name([str(x) for x in batch["image_id"]])
+    out_name = err_name = ""
+    if good:
+        table = pa.table({k: pa.array([_plain(batch[k][i]) for i in good], type=FEATURES_SCHEMA.field(k).type)
+                          for k in FEATURES_SCHEMA.names}, schema=FEATURES_SCHEMA)
+        out_name = f"{run_dir}/{name}.parquet"
+        store.write_parquet(f"{rel}/parts/{out_name}", table)
+    if bad:
+        table = pa.table({k: pa.array([_plain(batch[k][i]) for i in bad], type=pa.string())
+                          for k in ERRORS_SCHEMA.names}, schema=ERRORS_SCHEMA)
+        err_name = f"{run_dir}/{name}.parquet"
+        store.write_parquet(f"{rel}/_errors/parts/{err_name}", table)
+    return {"part": np.array([out_name]), "rows": np.array([len(good)]),
+            "errors_part": np.array([err_name]), "error_rows": np.array([len(bad)])}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def committed_image_ids(store: Store, rel: str) -> set[str]:
+    """Image ids already in the committed features (and errors) of an artifact."""
+    done: set[str] = set()
+    for r in (rel, f"{rel}/_errors"):
+        if store.manifest(r) is not None:
+            done.update(store.read_table(r, columns=["image_id"]).column("image_id").to_pylist())
+    return done
+
+
+def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table,
+                   regions: pa.Table | None = None, detector_weights: str | None = None,
+                   det: DetectorConfig | None = None, tracker: Any = None) -> dict[str, Any]:
+    """Extract region features for every image of ``images`` not yet committed.
+
+    Args:
+        cfg: the job config (ray, storage, detector).
+        store: storage root.
+        dataset: dataset name (artifact folder).
+        images: table with ``image_id``, ``uri``.
+        regions: ground-truth regions (``image_id, region_id, box``) for mode "given".
+        detector_weights: artifact holding the detector's safetensors (None: the config's weights).
+        det: detector config overriding ``cfg.detector`` (e.g. mode "given" for VG).
+        tracker: an open tracking run (``log_metrics``) or None.
+
+    Returns:
+        Summary: artifact URI, counts (images, done before, extracted, errors), seconds, images/s.
+    """
+    import ray
+
+    from mask.pipeline.runtime import cluster_gpus
+
+    det = det or cfg.detector
+    rel = features_rel(dataset, det)
+    done = committed_image_ids(store, rel)
+    ids = images.column("image_id").to_pylist()
+    todo_mask = np.array([i not in done for i in ids], dtype=bool)
+    todo = images.filter(pa.array(todo_mask))
+    if det.mode == "given":
+        if regions is None:
+            raise ValueError(f"detector mode 'given' needs ground-truth regions for dataset {dataset!r}")
+        todo = _attach_boxes(todo, regions)
+    summary = {"features_uri": store.uri(rel), "images": len(ids), "done_before": len(ids) - todo.num_rows}
+    t0 = time.perf_counter()
+    metas: list[dict] = []
+    if todo.num_rows:
+        gpus = cluster_gpus()
+        n_actors = det.num_actors or max(1, gpus or (int(ray.cluster_resources().get("CPU", 2)) // 2))
+        run_dir = f"run-{uuid.uuid4().hex[:12]}"
+        weights = None if detector_weights is None else (cfg.storage.root, cfg.storage.options, detector_weights)
+        bs = det.batch_size
+        # one block per batch, so decode and detection overlap and a retried block is one batch
+        ds = ray.data.from_arrow([todo.slice(i, bs) for i in range(0, todo.num_rows, bs)])
+        ds = ds.map_batches(decode_batch, fn_kwargs={"storage_options": cfg.storage.options,
+                                                     "det_cfg": det.model_dump()},
+                            batch_size=bs, num_cpus=0.5)
+        ds = ds.map_batches(DetectStage, fn_constructor_args=(det.model_dump(), weights),
+                            batch_size=bs, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+                            compute=ray.data.ActorPoolStrategy(size=n_actors))
+        ds = ds.map_batches(write_batch, fn_kwargs={"root": cfg.storage.root, "options": cfg.storage.options,
+                                                    "rel": rel, "run_dir": run_dir},
+                            batch_size=bs, num_cpus=0.25)
+        for row in ds.iter_rows():
+            metas.append(row)
+    secs = time.perf_counter() - t0
+    parts = sorted({m["part"] for m in metas if m["part"]})
+    err_parts = sorted({m["errors_part"] for m in metas if m["errors_part"]})
+    n_ok = int(sum(m["rows"] for m in metas))
+    n_err = int(sum(m["error_rows"] for m in metas))
+    _commit(store, rel, parts, kind="features", config_hash=extractor_name(det), schema=FEATURES_SCHEMA,
+            inputs={"dataset": dataset, "images": len(ids)}, tracker=tracker)
+    _commit(store, f"{rel}/_errors", err_parts, kind="features.errors", config_hash=extractor_name(det),
+            schema=ERRORS_SCHEMA, inputs={"dataset": dataset}, tracker=tracker)
+    summary.update(extracted=n_ok, errors=n_err, seconds=round(secs, 3),
+                   images_per_s=round((n_ok + n_err) / secs, 3) if secs > 0 and metas else 0.0)
+    if tracker is not None:
+        tracker.log_metrics({f"extract.{dataset}.{k}": float(v) for k, v in summary.items()
+                             if isinstance(v, int | float)})
+    logger.info("features %s: %s", dataset, summary)
+    return summary
+
+
+def _commit(store: Store, rel: str, parts: list[str], *, kind: str, config_hash: str, schema: pa.Schema,
+            inputs: dict, tracker: Any) -> None:
+    """Append the parts written by this run to the artifact and commit its manifest (last)."""
+    if not parts and store.manifest(rel) is not None:
+        return
+    with store.open_artifact(rel, kind=kind, config_hash=config_hash, inputs=inputs, append=True) as w:
+        for p in parts:
+            w.add_existing_part(p)
+        if not parts and store.manifest(rel) is None:
+            w.write_part(schema.empty_table(), name="empty")
+        w.commit(mlflow_run_id=getattr(tracker, "run_id", None))
+
+
+def _attach_boxes(images: pa.Table, regions: pa.Table) -> pa.Table:
+    """Group ground-truth regions per image: ``boxes_in`` (flattened xyxy) and ``region_ids``."""
+    by_image: dict[str, tuple[list, list]] = {}
+    rid = regions.column("region_id").to_pylist()
+    img = regions.column("image_id").to_pylist()
+    box = regions.column("box").to_pylist()
+    for r, i, b in zip(rid, img, box, strict=True):
+        entry = by_image.setdefault(i, ([], []))
+        entry[0].append(r)
+        entry[1].extend(b)
+    ids = images.column("image_id").to_pylist()
+    return images.append_column("region_ids", pa.array([by_image.get(i, ([], []))[0] for i in ids],
+                                                       pa.list_(pa.string()))) \
+                 .append_column("boxes_in", pa.array([by_image.get(i, ([], []))[1] for i in ids],
+                                                     pa.list_(pa.float32())))
+
+
+def load_features(store: Store, rel: str, columns: list[str] | None = None) -> pa.Table:
+    """The committed features table of an artifact."""
+    return store.read_table(rel, columns=columns)
+
+
+def features_of(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one features row → (features (n, D) float32, boxes (n, 4))."""
+    n, d = int(row["num_boxes"]), int(row["feature_dim"])
+    feats = np.asarray(row["features"], np.float32).reshape(n, d)  # (n, D)
+    boxes = np.asarray(row["boxes"], np.float32).reshape(n, 4)  # (n, 4)
+    return feats, boxes
