@@ -300,31 +300,11 @@ def _with_ood_vocabulary(table, kv, cfg: MaskConfig):
 
 
 def evaluate_gallery(ctx: JobContext, table, pae_bytes: bytes, det_weights: str | None, run) -> dict[str, Any]:
-    """Gallery features (detected boxes) → μ → MASK and ablations → R@K table (logged to MLflow)."""
-    import ray.data
+    """Gallery features (detected boxes) → μ → MASK and ablations → R@K table (logged to MLflow);
+    see :func:`mask.pipeline.gallery.evaluate_gallery`."""
+    from mask.pipeline import gallery
 
-    from mask.pipeline.evaluate import evaluate, format_table
-    from mask.pipeline.extract import features_rel, run_extraction
-    from mask.pipeline.represent import image_representations
-
-    cfg = ctx.cfg
-    gallery = ensure_dataset(ctx, cfg.gallery, run.run_id)
-    images = gallery["images"]
-    fsum = run_extraction(cfg, ctx.store, cfg.gallery.name, images, None, det_weights, tracker=run)
-    feats = ctx.store.read_table(features_rel(cfg.gallery.name, cfg.detector))
-    mu = image_representations(ray.data.from_arrow(feats), pae_bytes)
-    ok_ids = set(feats.column("image_id").to_pylist())
-    image_ids = [i for i in images.column("image_id").to_pylist() if i in ok_ids]
-    caps = gallery["captions"]
-    keep = pa.array([i in ok_ids for i in caps.column("image_id").to_pylist()])
-    results = evaluate(cfg, table, image_ids, mu, caps.filter(keep))
-    md = format_table(results)
-    for name, m in results.items():
-        if isinstance(m, dict) and "rsum" in m:
-            run.log_metrics({f"{name}.{k}": float(v) for k, v in m.items()})
-    run.log_metrics({f"coverage.{k}": float(v) for k, v in results["coverage"].items()})
-    run.log_text(md, "evaluation.md")
-    return {"gallery": cfg.gallery.name, "images": len(image_ids), "features": fsum, "table": md, **results}
+    return gallery.evaluate_gallery(ctx, table, pae_bytes, det_weights, run)
 
 
 def extract_dataset(cfg: MaskConfig, target: str = "dataset") -> dict[str, Any]:

@@ -1,0 +1,375 @@
+"""Gallery scoring, re-ranking, evaluation and query jobs on a small slice of the demo world (local Ray).
+
+One knowledge is built per module (the main job on a tiny slice) and one index scored from it; the
+other tests reuse both.  Base-score readers are tested directly on small files.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SMALL = ["dataset.limit=48", "gallery.limit=10", "train.epochs=2", "train.checkpoint_every=1",
+         "detector.batch_size=6", "detector.rpn_post_nms_topk=40", "scoring.top_k=20"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_local):
+    from jobs import build_knowledge, score_gallery
+
+    root = tmp_path_factory.mktemp("gallery")
+    args = [f"storage.root={root}", *SMALL]
+    built = build_knowledge.main(args)
+    scored = score_gallery.main(args)
+    return {"root": root, "args": args, "built": built, "scored": scored}
+
+
+def _index(world):
+    from mask.pipeline.gallery import read_index_file
+    from mask.storage import Store
+
+    store = Store(str(world["root"]))
+    rel = world["scored"]["index"]["uri"][len(str(world["root"])) + 1:]
+    files = {n: read_index_file(store, rel, n) for n in
+             ("images.parquet", "captions.parquet", "t2i_topk.parquet", "i2t_topk.parquet", "scores.npy",
+              "metrics.json", "index.json")}
+    return store, rel, files
+
+
+# ---------------------------------------------------------------- score_gallery
+
+
+def test_index_is_committed_with_all_outputs(world):
+    from mask.metrics import recall_at_k
+
+    s = world["scored"]
+    assert s["index"]["reused"] is False and s["index"]["version"].startswith("i-")
+    assert s["knowledge"]["uri"] == world["built"]["knowledge"]["uri"]
+    store, rel, f = _index(world)
+    m = store.manifest(rel)
+    assert m["kind"] == "index" and m["config_hash"] == s["index"]["version"]
+    ids = f["images.parquet"].column("image_id").to_pylist()
+    caps = f["captions.parquet"]
+    c2i = np.asarray(caps.column("image_position").to_pylist())
+    dense = f["scores.npy"]
+    assert dense.shape == (len(ids), caps.num_rows) == (10, 50)
+    # μ per image, in the index order
+    mu = store.read_table(rel)
+    assert mu.column("image_id").to_pylist() == ids
+    assert all(len(x) == n * z for x, n, z in zip(mu.column("mu").to_pylist(), mu.column("num_boxes").to_pylist(),
+                                                 mu.column("latent_dim").to_pylist(), strict=True))
+    # metrics are recall_at_k on the dense matrix
+    assert f["metrics.json"]["mask"] == pytest.approx(recall_at_k(dense, caption_to_image=c2i))
+    assert s["metrics"] == f["metrics.json"]["mask"]
+    # top-K lists agree with the dense matrix
+    t2i = f["t2i_topk.parquet"]
+    assert t2i.column("query_id").to_pylist() == caps.column("caption_id").to_pylist()
+    for j, (row_ids, row_scores) in enumerate(zip(t2i.column("ids").to_pylist(), t2i.column("scores").to_pylist(),
+                                                  strict=True)):
+        assert len(row_ids) == 10
+        np.testing.assert_allclose(row_scores, np.sort(dense[:, j])[::-1], rtol=1e-6)
+        assert row_ids[0] == ids[int(np.argmax(dense[:, j]))]
+    i2t = f["i2t_topk.parquet"]
+    assert len(i2t.column("ids")[0].as_py()) == 20
+    np.testing.assert_allclose(i2t.column("scores")[3].as_py(), np.sort(dense[3])[::-1][:20], rtol=1e-6)
+    # coverage, knowledge reference
+    cov = s["coverage"]
+    assert cov["captions"] == 50 and cov["in_knowledge"] > 0 and cov["ood"] > 0
+    assert f["index.json"]["knowledge_uri"] == s["knowledge"]["uri"]
+
+
+def test_index_metrics_match_main_job_mask_scores(world):
+    """The main job's inline evaluation and the index use the same scorer on the same gallery."""
+    assert world["scored"]["metrics"] == pytest.approx(
+        {k: world["built"]["evaluation"]["mask"][k] for k in world["scored"]["metrics"]})
+
+
+def test_mlflow_run_of_score_gallery(world):
+    import mlflow
+
+    s = world["scored"]
+    client = mlflow.MlflowClient(tracking_uri=s["mlflow"]["tracking_uri"])
+    run = client.get_run(s["mlflow"]["run_id"])
+    for key in ("mask.rsum", "mask.t2i_r1", "mask.i2t_r10", "coverage.ood", "coverage.no_vector",
+                "coverage.captions_without_words", "time.scoring", "time.mu", "time.total"):
+        assert key in run.data.metrics, key
+    assert run.data.params["index.version"] == s["index"]["version"]
+    assert run.data.params["knowledge.uri"] == s["knowledge"]["uri"]
+
+
+def test_rerun_reuses_the_committed_index(world):
+    from jobs import score_gallery
+
+    again = score_gallery.main(world["args"])
+    assert again["index"]["reused"] is True
+    assert again["index"]["version"] == world["scored"]["index"]["version"]
+    assert again["metrics"] == world["scored"]["metrics"]
+    # a different scoring config is another index version
+    other = score_gallery.main([*world["args"], "scoring.pooling=mean"])
+    assert other["index"]["version"] != world["scored"]["index"]["version"]
+    assert other["index"]["reused"] is False
+
+
+def test_knowledge_by_registry_reference(world):
+    from jobs import score_gallery
+
+    v = world["built"]["mlflow"]["model_version"]
+    s = score_gallery.main([*world["args"], "--knowledge", f"models:/mask-knowledge/{v}"])
+    assert s["knowledge"]["uri"] == world["built"]["knowledge"]["uri"]
+    assert s["index"]["reused"] is True  # same knowledge, same gallery, same scoring: same index
+
+
+def test_unknown_knowledge_version_is_named(world):
+    from jobs import score_gallery
+    from mask.knowledge import KnowledgeError
+    from mask.tracking import KnowledgeNotFound
+
+    with pytest.raises(KnowledgeError, match="knowledge/k-doesnotexist"):
+        score_gallery.main([*world["args"], "--knowledge", "knowledge/k-doesnotexist"])
+    with pytest.raises(KnowledgeNotFound, match="nope"):
+        score_gallery.main([*world["args"], "--knowledge", "@nope"])
+    with pytest.raises(KnowledgeNotFound, match="version 999"):
+        score_gallery.main([*world["args"], "--knowledge", "models:/mask-knowledge/999"])
+
+
+# ---------------------------------------------------------------- re-ranking
+
+
+def _noisy_truth(c2i: np.ndarray, n: int, noise: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    truth = (c2i[None, :] == np.arange(n)[:, None]).astype(np.float64)  # (N, T)
+    return truth + noise * rng.standard_normal(truth.shape)
+
+
+def test_rerank_with_a_synthetic_base_matrix(world, tmp_path):
+    from jobs import score_gallery
+    from mask.metrics import recall_at_k
+    from mask.pipeline.gallery import read_index_file
+    from mask.rerank import rerank_both
+
+    store, rel, f = _index(world)
+    c2i = np.asarray(f["captions.parquet"].column("image_position").to_pylist())
+    base = _noisy_truth(c2i, 10, noise=0.8)
+    path = tmp_path / "base.npy"
+    np.save(path, base)
+    s = score_gallery.main([*world["args"], f"rerank.base_scores={path}", "rerank.k=5", "rerank.alpha=0.5"])
+    rr = s["rerank"]
+    assert rr["reused"] is False and rr["directions"] == ["t2i", "i2t"]
+    assert rr["before"] == pytest.approx(recall_at_k(base, caption_to_image=c2i))
+    ref = rerank_both(base, f["scores.npy"], 5, 0.5)
+    assert rr["after"] == pytest.approx(recall_at_k(ref.i2t, caption_to_image=c2i, t2i_similarity=ref.t2i))
+    assert "| base |" in s["table"] and "| base + MASK (α=0.5, k=5) |" in s["table"] and "| MASK |" in s["table"]
+    # the re-ranked lists are committed next to the index
+    rrel = rr["uri"][len(str(world["root"])) + 1:]
+    lists = read_index_file(store, rrel, "t2i_reranked.parquet")
+    assert lists.num_rows == 50 and all(len(x) == 5 for x in lists.column("ids").to_pylist())
+    assert read_index_file(store, rrel, "metrics.json")["after"] == rr["after"]
+    # α = 0 keeps the base order inside the top-k: metrics unchanged
+    s0 = score_gallery.main([*world["args"], f"rerank.base_scores={path}", "rerank.k=5", "rerank.alpha=0"])
+    assert s0["rerank"]["after"] == pytest.approx(s0["rerank"]["before"])
+    # a perfect MASK-side signal fixes a noisy base: re-rank with the truth as "MASK" through the library
+    perfect = rerank_both(base, _noisy_truth(c2i, 10, noise=0.0), 10, 5.0)
+    assert recall_at_k(perfect.i2t, caption_to_image=c2i, t2i_similarity=perfect.t2i)["rsum"] == 600.0
+    # rerun: the committed re-ranking is reused
+    again = score_gallery.main([*world["args"], f"rerank.base_scores={path}", "rerank.k=5", "rerank.alpha=0.5"])
+    assert again["rerank"]["reused"] is True and again["rerank"]["after"] == rr["after"]
+
+
+def test_rerank_from_parquet_pairs_and_topk_lists(world, tmp_path):
+    from jobs import score_gallery
+
+    _, _, f = _index(world)
+    ids = f["images.parquet"].column("image_id").to_pylist()
+    caps = f["captions.parquet"].column("caption_id").to_pylist()
+    c2i = np.asarray(f["captions.parquet"].column("image_position").to_pylist())
+    base = _noisy_truth(c2i, 10, noise=0.8, seed=1)
+    npy = tmp_path / "b.npy"
+    np.save(npy, base)
+    ii, cc = np.meshgrid(np.arange(10), np.arange(50), indexing="ij")
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"image_id": [ids[i] for i in ii.ravel()], "caption_id": [caps[c] for c in cc.ravel()],
+                             "score": base.ravel()}), pairs)
+    a = score_gallery.main([*world["args"], f"rerank.base_scores={npy}"])["rerank"]
+    b = score_gallery.main([*world["args"], f"rerank.base_scores={pairs}"])["rerank"]
+    assert a["before"] == pytest.approx(b["before"]) and a["after"] == pytest.approx(b["after"])
+    # per-caption top-10 lists: text→image only
+    order = np.argsort(-base, axis=0)[:10]  # (10, T)
+    lists = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({"query_id": caps, "candidate_ids": [[ids[i] for i in order[:, j]] for j in range(50)],
+                             "scores": [list(base[order[:, j], j]) for j in range(50)]}), lists)
+    c = score_gallery.main([*world["args"], f"rerank.base_scores={lists}"])["rerank"]
+    assert c["directions"] == ["t2i"]
+    assert set(c["before"]) == {"t2i_r1", "t2i_r5", "t2i_r10"}
+    assert c["before"] == pytest.approx({k: a["before"][k] for k in c["before"]})
+    assert "–" in score_gallery.main([*world["args"], f"rerank.base_scores={lists}"])["table"]
+
+
+def test_bad_base_scores_fail_the_job_with_the_file_named(world, tmp_path):
+    from jobs import score_gallery
+    from mask.pipeline.gallery import BaseScoresError
+
+    path = tmp_path / "wrong.npy"
+    np.save(path, np.zeros((10, 49)))
+    with pytest.raises(BaseScoresError, match=r"wrong\.npy: has shape \(10, 49\), the gallery has 10 images × 50"):
+        score_gallery.main([*world["args"], f"rerank.base_scores={path}"])
+    with pytest.raises(BaseScoresError, match="no such file"):
+        score_gallery.main([*world["args"], f"rerank.base_scores={tmp_path / 'absent.npy'}"])
+
+
+IMGS = ["a", "b", "c"]
+CAPS = ["a0", "a1", "b0", "b1", "c0", "c1"]
+
+
+def _load(tmp_path, table=None, array=None, name="x.parquet"):
+    from mask.pipeline.gallery import load_base_scores
+
+    p = tmp_path / name
+    if array is not None:
+        np.save(p, array)
+    else:
+        pq.write_table(pa.table(table), p)
+    return load_base_scores(str(p), IMGS, CAPS)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((3, 5)), r"has shape \(3, 5\), the gallery has 3 images × 6 captions"),
+    (np.zeros(6), r"has shape \(6,\)"),
+    (np.array([[0, 1, 2, 3, 4, np.nan]] * 3), r"non-finite value nan at \[0, 5\] \(image 'a', caption 'c1'\)"),
+    (np.array([["x"] * 6] * 3), "expected numbers"),
+])
+def test_bad_npy(tmp_path, array, message):
+    from mask.pipeline.gallery import BaseScoresError
+
+    with pytest.raises(BaseScoresError, match=r"x\.npy: " + message):
+        _load(tmp_path, array=array, name="x.npy")
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"image_id": ["a", "zz"], "caption_id": ["a0", "a1"], "score": [1.0, 2.0]}, r"unknown image_id.*'zz'"),
+    ({"image_id": ["a", "b"], "caption_id": ["a0", "q9"], "score": [1.0, 2.0]}, r"unknown caption_id.*'q9'"),
+    ({"image_id": ["a", "a"], "caption_id": ["a0", "a0"], "score": [1.0, 2.0]},
+     "duplicate pair image_id='a', caption_id='a0'"),
+    ({"image_id": ["a", "b"], "caption_id": ["a0", "a1"], "score": [1.0, float("nan")]},
+     "non-finite score nan in row 1"),
+    ({"query_id": ["a0", "a0"], "candidate_ids": [["a"], ["b"]], "scores": [[1.0], [2.0]]},
+     "duplicate query_id 'a0'"),
+    ({"query_id": ["a0"], "candidate_ids": [["a", "b"]], "scores": [[1.0]]}, "2 candidate_ids and 1 scores"),
+    ({"query_id": ["a0"], "candidate_ids": [["a", "a"]], "scores": [[1.0, 2.0]]}, "lists a candidate twice"),
+    ({"query_id": ["a0"], "candidate_ids": [["a", "x"]], "scores": [[1.0, 2.0]]}, r"unknown image_id.*'x'"),
+    ({"query_id": ["a0", "b"], "candidate_ids": [["a"], ["a0"]], "scores": [[1.0], [2.0]]},
+     "cannot tell the direction"),
+    ({"query_id": ["a0"], "candidate_ids": [["a"]], "scores": [[1.0]], "direction": ["up"]},
+     "direction must be 't2i' or 'i2t'"),
+    ({"img": ["a"], "score": [1.0]}, r"Parquet columns \['img', 'score'\] are neither"),
+])
+def test_bad_parquet(tmp_path, table, message):
+    from mask.pipeline.gallery import BaseScoresError
+
+    with pytest.raises(BaseScoresError, match=r"x\.parquet: .*" + message):
+        _load(tmp_path, table=table)
+
+
+def test_partial_pairs_get_the_fill_score(tmp_path):
+    b = _load(tmp_path, table={"image_id": ["a", "b"], "caption_id": ["a0", "b1"], "score": [0.5, -0.25]})
+    assert b.missing == 16 and b.directions == ("t2i", "i2t")
+    assert b.matrix[0, 0] == 0.5 and b.matrix[1, 3] == -0.25
+    assert (b.matrix[b.matrix < -0.25] == -1.25).all()  # lowest − max(1, |lowest|)
+    lists = _load(tmp_path, table={"query_id": ["a", "c"], "candidate_ids": [["a0", "b0"], ["c1"]],
+                                   "scores": [[3.0, 2.0], [1.0]]})
+    assert lists.directions == ("i2t",) and lists.matrix[2, 5] == 1.0 and lists.missing == 15
+
+
+def test_gallery_order_rejects_duplicate_ids():
+    from mask.pipeline.gallery import GalleryError, gallery_order
+
+    imgs = pa.table({"image_id": ["a", "b", "a"]})
+    caps = pa.table({"caption_id": ["1"], "image_id": ["a"], "text": ["x"]})
+    with pytest.raises(GalleryError, match=r"duplicate image_id \['a'\]"):
+        gallery_order(imgs, caps)
+    with pytest.raises(GalleryError, match=r"duplicate caption_id \['1'\]"):
+        gallery_order(pa.table({"image_id": ["a", "b"]}),
+                      pa.table({"caption_id": ["1", "1"], "image_id": ["b", "a"], "text": ["x", "y"]}))
+    o = gallery_order(pa.table({"image_id": ["b", "a", "c"]}),
+                      pa.table({"caption_id": ["1", "2", "3", "4"], "image_id": ["a", "b", "c", "a"],
+                                "text": ["x", "y", "z", "w"]}), ok_ids={"a", "b"})
+    assert o.image_ids == ["b", "a"] and o.caption_ids == ["2", "1", "4"] and o.dropped_images == 1
+    assert o.caption_to_image.tolist() == [0, 1, 1]
+
+
+def test_recall_from_topk_matches_recall_at_k(rng):
+    from mask.metrics import recall_at_k
+    from mask.pipeline.gallery import recall_from_topk
+    from mask.scoring import topk
+
+    sim = rng.standard_normal((30, 150))
+    c2i = np.arange(150) // 5
+    t2i, _ = topk(sim, 12, axis=0)
+    i2t, _ = topk(sim, 12, axis=1)
+    assert recall_from_topk(t2i.T, i2t, c2i) == pytest.approx(recall_at_k(sim, caption_to_image=c2i))
+
+
+# ---------------------------------------------------------------- evaluate and query jobs
+
+
+def test_evaluate_job_table_and_protocols(world, tmp_path):
+    from jobs import evaluate
+    from mask.metrics import coco_5fold_1k
+    from mask.pipeline.gallery import GalleryError
+
+    _, rel, f = _index(world)
+    args = [*world["args"], "--index", rel]
+    out = evaluate.main(args)
+    assert out["metrics"]["MASK"] == pytest.approx(world["scored"]["metrics"])
+    assert out["table"].splitlines()[0].startswith("| method | IR R@1 |") and "| MASK |" in out["table"]
+    assert out["mlflow"]["run_id"]
+    folds = evaluate.main([*args, "--protocol", "coco-5fold-1k"])
+    assert folds["metrics"]["MASK"] == pytest.approx(coco_5fold_1k(f["scores.npy"], 5, folds=5))
+    path = tmp_path / "s.npy"
+    np.save(path, f["scores.npy"] * 2.0)
+    other = evaluate.main([*args, "--scores", str(path)])
+    with pytest.raises(GalleryError, match="does not exist"):
+        evaluate.main([*world["args"], "--index", "indexes/demo_gallery/i-nope"])
+    assert other["metrics"]["s.npy"] == pytest.approx(world["scored"]["metrics"])
+
+
+def test_query_job_returns_ranked_ids_with_word_sources(world):
+    from jobs import query
+
+    store, rel, f = _index(world)
+    caps = f["captions.parquet"]
+    text = caps.column("text")[7].as_py()
+    image = f["images.parquet"].column("image_id")[2].as_py()
+    out = query.main([*world["args"], "--index", rel, "--text", text, "--text", "zzqx", "--image", image, "--top", "4"])
+    q = out["text"][0]
+    assert [w["word"] for w in q["words"]] and {w["source"] for w in q["words"]} <= {"knowledge", "ood", "missing"}
+    assert len(q["results"]) == 4
+    scores = [r["score"] for r in q["results"]]
+    assert scores == sorted(scores, reverse=True)
+    # the text of caption 7 scores every image as the index's dense column 7
+    dense = f["scores.npy"]
+    ids = f["images.parquet"].column("image_id").to_pylist()
+    for r in q["results"]:
+        assert r["score"] == pytest.approx(float(dense[ids.index(r["image_id"]), 7]), abs=1e-5)
+    assert out["text"][1]["words"] == [{"word": "zzqx", "source": "missing"}] or out["text"][1]["words"] == []
+    im = out["image"][0]
+    assert len(im["results"]) == 4
+    for r in im["results"]:
+        j = caps.column("caption_id").to_pylist().index(r["caption_id"])
+        assert r["score"] == pytest.approx(float(dense[2, j]), abs=1e-5)
+    assert out["load_seconds"] > 0
+
+
+def test_query_unknown_image(world):
+    from jobs import query
+    from mask.pipeline.query import QueryError
+
+    with pytest.raises(QueryError, match="'nope' is not in the index"):
+        query.main([*world["args"], "--image", "nope"])
