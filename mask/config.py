@@ -261,6 +261,25 @@ class RerankConfig(_Strict):
     base_scores: str | None = None
 
 
+class ClipConfig(_Strict):
+    # open_clip architecture: a built-in name (ViT-B-32, RN50, …), "hf-hub:org/repo", "local-dir:/path",
+    # or the name under which `architecture` is registered.
+    model: str = "ViT-B-32"
+    # Weights: an open_clip tag (openai, laion2b_s34b_b79k, …; downloaded by open_clip), a local file, an
+    # object-storage URI (s3://…; fetched to a local temp file), or None = seeded random init (tests only).
+    pretrained: str | None = "openai"
+    # Custom architecture (open_clip model config: embed_dim, vision_cfg, text_cfg) registered as `model`.
+    architecture: dict[str, Any] | None = None
+    # Images (and captions) per batch through each tower.
+    batch_size: int = Field(default=64, ge=1)
+    # CLIP actors (None = one per GPU, or per 2 CPUs).
+    num_actors: int | None = Field(default=None, ge=1)
+    # Weight precision on GPU actors; CPU actors always run fp32 (logged).
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # Refuse images whose pixel count exceeds this (decompression-bomb guard).
+    max_pixels: int = Field(default=90_000_000, ge=1)
+
+
 class MaskConfig(_Strict):
     """The whole configuration of a job. Each section is one concern."""
 
@@ -279,6 +298,7 @@ class MaskConfig(_Strict):
     knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     rerank: RerankConfig = Field(default_factory=RerankConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
     seed: int = 0
 
     def hash(self, *sections: str) -> str:
