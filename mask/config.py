@@ -188,7 +188,8 @@ class LossConfig(_Strict):
 class TrainConfig(_Strict):
     # Epochs; the paper trains 200 at batch 4096 then 200 at batch 2048 (Appendix I.2).
     epochs: int = Field(default=400, ge=1)
-    # Regions per batch, and the epoch at which it changes to batch_size_late (None = never).
+    # Region–word pairs per global batch (split over the workers), and the epoch at which it changes
+    # to batch_size_late (None = never).
     batch_size: int = Field(default=4096, ge=2)
     batch_size_late: int | None = 2048
     late_epoch: int | None = 200
@@ -203,6 +204,14 @@ class TrainConfig(_Strict):
     max_failures: int = Field(default=3, ge=0)
     # Seed of data order and initialisation.
     seed: int = 0
+    # Log every loss term to MLflow every this many steps (per-epoch means are always logged).
+    log_every: int = Field(default=10, ge=1)
+    # CPUs reserved per Ray Train worker (torch threads follow); None = all CPUs / num_workers on CPU
+    # runs, 1 per GPU worker.
+    cpus_per_worker: int | None = Field(default=None, ge=1)
+    # Ray Train run name under <storage root>/train/; None = "train-<hash>" of what determines the
+    # training except epochs and run mechanics, so a rerun — also with more epochs — resumes it.
+    run_name: str | None = None
 
 
 class TextConfig(_Strict):

@@ -1,8 +1,10 @@
-"""The main job: dataset → region features → training → knowledge → (gallery) evaluation.
+"""Job orchestration: dataset → region features → training → knowledge → (gallery) evaluation.
 
 Each step checks storage first and runs only what is missing for this config, so a rerun reuses
-committed work.  Everything is tracked in one MLflow run; the knowledge is registered as a model
-version of ``mask-knowledge`` with its lineage.
+committed work.  :func:`build_knowledge` (the main job) tracks everything in one MLflow run and
+registers the knowledge as a model version of ``mask-knowledge`` with its lineage;
+:func:`train_job` runs the same steps up to training in its own run; :func:`extract_dataset` only
+the features.  Training runs resume: see :func:`run_training` and :func:`train_run_name`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -111,10 +114,21 @@ def calibrated_random_weights(det, uris: list[str], storage_options: dict) -> by
 
 
 def vocabulary(cfg: MaskConfig, regions: pa.Table, kv) -> dict[str, Any]:
-    """VG words → the knowledge vocabulary with vectors; words without a vector are counted and reported."""
+    """VG words → the knowledge vocabulary with vectors.
+
+    A vocabulary word with no word vector is counted (``report["no_vector"]``), listed
+    (``no_vector_words``; the report keeps 20 examples) and logged, then left out of training and
+    of the knowledge — it cannot enter L_cm or the OOD search without a vector.
+
+    Raises:
+        ValueError: the vectors' size differs from ``model.word_dim``.
+    """
     from mask.datasets import build_vocabulary, count_words
     from mask.vectors import vectors_for
 
+    if int(kv.vector_size) != cfg.model.word_dim:
+        raise ValueError(f"vectors.source {cfg.vectors.source}: vectors have {kv.vector_size} dimensions, "
+                         f"model.word_dim is {cfg.model.word_dim}")
     counts = count_words(regions)
     v = cfg.vocabulary
     words = build_vocabulary(counts, v.min_count, v.min_length, v.max_length, v.alphabetic)
@@ -126,8 +140,9 @@ def vocabulary(cfg: MaskConfig, regions: pa.Table, kv) -> dict[str, Any]:
     keep = np.flatnonzero(found)
     kept = [words[i] for i in keep]
     return {"words": kept, "vectors": np.asarray(vecs)[keep].astype(np.float32),
-            "counts": np.asarray([counts[w] for w in kept], np.int64),
+            "counts": np.asarray([counts[w] for w in kept], np.int64), "no_vector_words": missing,
             "report": {"vg_words": len(counts), "vocabulary": len(words), "no_vector": len(missing),
+                       "no_vector_regions": int(sum(counts[w] for w in missing)),
                        "no_vector_examples": missing[:20], "kept": len(kept)}}
 
 
@@ -142,7 +157,9 @@ def region_word_map(regions: pa.Table, word_index: dict[str, int]) -> dict[str, 
 
 
 def training_table(features: pa.Table, region_words: dict[str, list[str]], word_index: dict[str, int]) -> pa.Table:
-    """Features rows + region-word pairs (``pair_slot``, ``pair_word``); images with no pair are dropped."""
+    """Features rows + region-word pairs (``pair_slot``, ``pair_word``); images with no pair are dropped.
+
+    The in-memory reference of :func:`training_dataset` (tests, benchmarks)."""
     slots_col, words_col, keep = [], [], []
     for i, rids in enumerate(features.column("region_ids").to_pylist()):
         slots, wids = [], []
@@ -156,54 +173,341 @@ def training_table(features: pa.Table, region_words: dict[str, list[str]], word_
             words_col.append(wids)
     t = features.select(["image_id", "features", "num_boxes", "feature_dim"]).take(pa.array(keep, pa.int64()))
     return t.append_column("pair_slot", pa.array(slots_col, pa.list_(pa.int32()))) \
-            .append_column("pair_word", pa.array(words_col, pa.list_(pa.int32())))
+            .append_column("pair_word", pa.array(words_col, pa.list_(pa.int32()))) \
+            .append_column("num_pairs", pa.array([len(x) for x in slots_col], pa.int64()))
 
 
-def run_training(ctx: JobContext, table: pa.Table, word_vectors: np.ndarray, run_id: str | None,
-                 tracking_uri: str | None, run_name: str) -> tuple[bytes, dict[str, Any]]:
-    """Ray Train on the training table; returns (PAE safetensors bytes, summary)."""
+def features_dataset(store: Store, rel: str, columns: list[str] | None = None):
+    """The committed parts of a features artifact as a Ray Dataset (read by Ray Data, not the driver)."""
     import ray.data
+
+    paths = [u[len("s3://"):] if u.startswith("s3://") else u for u in store.part_uris(rel)]
+    if not paths:
+        raise ValueError(f"features artifact {store.uri(rel)} has no rows")
+    ds = ray.data.read_parquet(paths, filesystem=store.pyarrow_filesystem(), partitioning=None)
+    return ds.select_columns(columns) if columns else ds
+
+
+def training_dataset(store: Store, features_rel_: str, region_words: dict[str, list[str]],
+                     word_index: dict[str, int]):
+    """Training rows through Ray Data: the features artifact joined with the VG region words.
+
+    :class:`mask.pipeline.train.PairJoin` runs in one actor that holds the region → word-ids map;
+    the result is materialised in Ray's object store (spilling to disk when large), so every epoch
+    iterates it without re-reading storage and the trainer's workers can take every CPU.
+
+    Returns:
+        ``(dataset, {"images", "pairs"})``.
+    """
+    import ray.data
+
+    from mask.pipeline.train import PairJoin
+
+    ids = {rid: [word_index[w] for w in ws] for rid, ws in region_words.items()}
+    ds = features_dataset(store, features_rel_, ["image_id", "features", "num_boxes", "feature_dim", "region_ids"])
+    ds = ds.map_batches(PairJoin, fn_constructor_args=(ids,), batch_size=256,
+                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").materialize()
+    images = ds.count()
+    # a projection per block (no aggregation shuffle): only the small column reaches the driver
+    pairs = sum(int(np.sum(b["num_pairs"])) for b in
+                ds.select_columns(["num_pairs"]).iter_batches(batch_size=None, batch_format="numpy"))
+    return ds, {"images": images, "pairs": pairs}
+
+
+# ---------------------------------------------------------------- training
+
+#: TrainConfig fields that change how a run executes or how long it goes, not the trajectory it
+#: follows: left out of the default run name, so a rerun with more epochs continues the same run.
+TRAIN_RUN_MECHANICS = frozenset({"epochs", "checkpoint_every", "max_failures", "log_every", "num_workers",
+                                 "use_gpu", "cpus_per_worker", "run_name"})
+
+
+def train_run_name(cfg: MaskConfig, features_rel_: str) -> str:
+    """The Ray Train run name: ``train.run_name``, else ``train-<hash>`` of the features artifact, the
+    dataset, vocabulary, vectors, model, loss and the train fields outside :data:`TRAIN_RUN_MECHANICS`.
+
+    Epochs are left out on purpose: the run with ``train.epochs=4`` continues the one that stopped
+    at 2 (its latest checkpoint), instead of starting again.
+    """
+    from mask.storage import fingerprint
+
+    data = cfg.model_dump(mode="json")
+    ident = {s: data[s] for s in ("dataset", "vocabulary", "vectors", "model", "loss")}
+    ident["features"] = features_rel_
+    ident["train"] = {k: v for k, v in data["train"].items() if k not in TRAIN_RUN_MECHANICS}
+    return cfg.train.run_name or f"train-{fingerprint(ident)[:16]}"
+
+
+def _cpus_per_worker(cfg: MaskConfig) -> int:
+    import ray
+
+    t = cfg.train
+    if t.cpus_per_worker is not None:
+        return t.cpus_per_worker
+    if t.use_gpu:
+        return 1
+    total = int(ray.cluster_resources().get("CPU", 1))
+    per_node = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1])
+    return max(1, min(per_node, total // t.num_workers))
+
+
+def _checkpoint_uri(store: Store, path: str) -> str:
+    return path if store.protocol == "file" else f"s3://{path}"
+
+
+def _worker_error(err: BaseException) -> BaseException | None:
+    """The checkpoint/run error raised inside a training worker, if that is what failed the run."""
+    from mask.pipeline.train import CheckpointError, TrainingRunError
+
+    for e in getattr(err, "worker_failures", {}).values():
+        seen = set()
+        while e is not None and id(e) not in seen:
+            seen.add(id(e))
+            if isinstance(e, CheckpointError | TrainingRunError):
+                return e
+            e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+def _train_storage(ctx: JobContext) -> tuple[Any, str]:
+    """(pyarrow filesystem, fs-native folder) where Ray Train keeps its runs: ``<storage root>/train``."""
+    storage_path = ctx.store.path("train")
+    if ctx.store.protocol == "file":
+        os.makedirs(storage_path, exist_ok=True)
+    return ctx.store.pyarrow_filesystem(), storage_path
+
+
+def resume_point(ctx: JobContext, run_name: str, module) -> dict[str, Any] | None:
+    """The latest checkpoint of a training run, checked against the model, or None for a new run.
+
+    Args:
+        ctx: job context (storage root, config).
+        run_name: the Ray Train run name.
+        module: a :class:`mask.pipeline.train.TrainModule` of this config; the checkpoint's weights
+            are loaded into it.
+
+    Returns:
+        The checkpoint's state (``epoch`` 0-based, ``step``, ``resumes``) plus ``uri`` and ``fs_path``.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read or does not match the model (names the file).
+        TrainingRunError: it is past ``train.epochs`` (a shorter rerun cannot un-train).
+    """
+    import ray.train
+
+    from mask.pipeline.train import TrainingRunError, latest_checkpoint, load_checkpoint_dir
+
+    fs, storage_path = _train_storage(ctx)
+    path = latest_checkpoint(fs, f"{storage_path}/{run_name}")
+    if path is None:
+        return None
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+        meta = load_checkpoint_dir(d, module)
+    meta.pop("state", None)
+    meta.update(uri=_checkpoint_uri(ctx.store, path), fs_path=path)
+    if meta["epoch"] > ctx.cfg.train.epochs - 1:
+        raise TrainingRunError(
+            f"training run {run_name}: its latest checkpoint {meta['uri']} is after epoch {meta['epoch'] + 1}, "
+            f"past train.epochs={ctx.cfg.train.epochs}; raise train.epochs, or set train.run_name to train a "
+            "separate run")
+    return meta
+
+
+def run_training(ctx: JobContext, ds, stats: dict[str, int], word_vectors: np.ndarray, run_id: str | None,
+                 tracking_uri: str | None, run_name: str) -> tuple[bytes, dict[str, Any]]:
+    """Ray Train (``TorchTrainer``) on the training rows; returns (PAE safetensors bytes, summary).
+
+    Resume: Ray Train V2 reloads the run's checkpoint list from ``<storage>/train/<run_name>`` when
+    ``fit()`` runs again under the same name and hands its latest checkpoint to the workers (checked
+    with ray 2.60: no flag needed); after a worker failure it restarts the worker group from it
+    (``train.max_failures``).  The driver checks the run's newest checkpoint first (:func:`resume_point`:
+    a corrupt or mismatched one fails here, naming the file).  Workers also look at the run's storage
+    folder (:func:`mask.pipeline.train.resume_checkpoint`): a checkpoint persisted just before a worker
+    died may not be registered by Ray yet, and a run folder may hold checkpoints without a Ray
+    snapshot (V2 deprecates ``resume_from_checkpoint``).
+
+    Args:
+        ctx: job context.  ds: training rows (Ray Dataset).  stats: ``images``, ``pairs`` of ``ds``.
+        word_vectors: (V, N) vectors of the vocabulary.  run_id, tracking_uri: MLflow run for the
+            workers' metrics (None = none).  run_name: Ray Train run name.
+
+    Raises:
+        CheckpointError, TrainingRunError: see :func:`resume_point`.
+        NonFiniteLoss: a loss term became NaN/inf (the message names the step and the term).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from mask.losses import NonFiniteLoss
     from mask.models import save_pae
     from mask.pipeline.train import FAULT_ENV, TrainModule, load_checkpoint_dir, train_loop_per_worker
 
     cfg = ctx.cfg
-    pairs = sum(len(x) for x in table.column("pair_word").to_pylist())
-    ds = ray.data.from_arrow(table)
-    storage_path = ctx.store.uri("train")
-    if not storage_path.startswith("s3://"):
-        storage_path = os.path.abspath(ctx.store.path("train"))
-        os.makedirs(storage_path, exist_ok=True)
+    if stats["pairs"] == 0:
+        raise ValueError(f"dataset {cfg.dataset.name}: no region carries a vocabulary word; nothing to train on")
+    fs, storage_path = _train_storage(ctx)
+    module = TrainModule(cfg, word_vectors.shape[0])
+    prior = resume_point(ctx, run_name, module)
+    if prior is not None:
+        logger.info("training run %s: continuing after epoch %d from %s", run_name, prior["epoch"] + 1, prior["uri"])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "word_vectors": word_vectors,
-                           "pairs_per_image": pairs / max(table.num_rows, 1),
+                           "pairs_per_image": stats["pairs"] / max(stats["images"], 1),
                            "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-                           "fault": os.environ.get(FAULT_ENV, "")},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+                           "fault": os.environ.get(FAULT_ENV, ""),
+                           "run_storage": (fs, f"{storage_path}/{run_name}")},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": _cpus_per_worker(cfg), **({"GPU": 1} if cfg.train.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path,
+            name=run_name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": ds},
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        inner = _worker_error(e)
+        if inner is not None:
+            raise inner from e
+        raise
     secs = time.perf_counter() - t0
+    metrics = dict(result.return_value or result.metrics or {})
+    if "nonfinite" in metrics:
+        # "step <n>: <term> is <value>", as mask.losses.check_finite words it
+        _, rest = str(metrics["nonfinite"]).split(": ", 1)
+        term, value = rest.split(" is ", 1)
+        raise NonFiniteLoss(term, value, int(metrics["step"]))
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
-    module = TrainModule(cfg, word_vectors.shape[0])
     with result.checkpoint.as_directory() as d:
         meta = load_checkpoint_dir(d, module)
-    summary = {"train_seconds": round(secs, 2), "images": table.num_rows, "pairs": pairs,
-               "final_epoch": meta["epoch"], "steps": meta["step"], "checkpoint": result.checkpoint.path,
-               **{k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}}
+    summary = _training_summary(run_name, _checkpoint_uri(ctx.store, result.checkpoint.path), meta, stats,
+                                word_vectors.shape[0], prior)
+    summary["train_seconds"] = round(secs, 2)
+    summary.update({k: v for k, v in metrics.items()
+                    if isinstance(v, int | float) and (k.startswith("epoch.") or k in ("pairs_per_s", "epoch_seconds"))})
     return save_pae(module.net.pae), summary
 
 
-# ---------------------------------------------------------------- the job
+def _training_summary(run_name: str, uri: str, meta: dict[str, Any], stats: dict[str, int] | None,
+                      num_words: int, prior: dict[str, Any] | None) -> dict[str, Any]:
+    return {"run_name": run_name, "checkpoint": uri, "final_epoch": meta["epoch"], "steps": meta["step"],
+            "resumes": int(meta.get("resumes", 0)), "vocabulary": int(num_words),
+            "continued_from_epoch": prior["epoch"] + 1 if prior is not None else 0, "reused": False,
+            **(stats or {})}
+
+
+# ---------------------------------------------------------------- shared job steps
+
+
+@dataclass
+class TrainingInputs:
+    """What training and the knowledge pass need: features on the VG boxes and the vocabulary."""
+
+    dataset: dict[str, Any]
+    det_weights: str | None
+    features_rel: str
+    kv: Any
+    vocab: dict[str, Any]
+    word_index: dict[str, int]
+    region_words: dict[str, list[str]]
+    summary: dict[str, Any]
+
+
+def prepare_training_inputs(ctx: JobContext, run) -> TrainingInputs:
+    """Dataset → detector → features on the ground-truth boxes → vocabulary (each reused when committed)."""
+    from mask.pipeline.extract import features_rel, run_extraction
+    from mask.vectors import load_vectors
+
+    cfg, store = ctx.cfg, ctx.store
+    summary: dict[str, Any] = {}
+    # 1. datasets
+    train = ensure_dataset(ctx, cfg.dataset, run.run_id)
+    summary["dataset"] = train["summary"]
+    if train.get("regions") is None or not train["regions"].num_rows:
+        raise ValueError(f"dataset {cfg.dataset.name} has no region annotations; training needs VG-style regions")
+    # 2. detector + features on ground-truth boxes (the knowledge is built on those)
+    images = train["images"]
+    det_weights = ensure_detector(ctx, images.column("uri").to_pylist()[:16])
+    given = cfg.detector.model_copy(update={"mode": "given"})
+    summary["features"] = run_extraction(cfg, store, cfg.dataset.name, images, train.get("regions"),
+                                         det_weights, det=given, tracker=run)
+    # 3. vocabulary and word vectors (words without a vector are counted and reported)
+    kv = load_vectors(cfg.vectors.source, cfg.vectors.format, cfg.vectors.cache_dir)
+    vocab = vocabulary(cfg, train["regions"], kv)
+    summary["vocabulary"] = vocab["report"]
+    run.log_metrics({f"vocabulary.{k}": v for k, v in vocab["report"].items() if isinstance(v, int)})
+    if vocab["no_vector_words"]:
+        run.log_dict({"no_vector": vocab["no_vector_words"]}, "vocabulary/no_vector.json")
+    word_index = {w: i for i, w in enumerate(vocab["words"])}
+    return TrainingInputs(dataset=train, det_weights=det_weights, features_rel=features_rel(cfg.dataset.name, given),
+                          kv=kv, vocab=vocab, word_index=word_index,
+                          region_words=region_word_map(train["regions"], word_index), summary=summary)
+
+
+def train_model(ctx: JobContext, inputs: TrainingInputs, run, tracking_uri: str | None) -> tuple[bytes, dict[str, Any]]:
+    """Ray Data join → Ray Train, or the finished run's checkpoint when it already reached
+    ``train.epochs``; logs the summary to the job's MLflow run and records the final checkpoint there
+    (tag ``train.checkpoint`` and the artifact ``train/checkpoint.json``)."""
+    if not inputs.word_index:
+        raise ValueError(f"dataset {ctx.cfg.dataset.name}: the vocabulary is empty "
+                         f"({inputs.vocab['report']}); nothing to train")
+    from mask.models import save_pae
+    from mask.pipeline.train import TrainModule
+
+    name = train_run_name(ctx.cfg, inputs.features_rel)
+    run.set_tags({"train.run_name": name})
+    try:
+        module = TrainModule(ctx.cfg, len(inputs.word_index))
+        prior = resume_point(ctx, name, module)
+        if prior is not None and prior["epoch"] == ctx.cfg.train.epochs - 1:
+            logger.info("training run %s already finished epoch %d; reusing %s", name, prior["epoch"] + 1, prior["uri"])
+            pae_bytes = save_pae(module.net.pae)
+            tsum = {**_training_summary(name, prior["uri"], prior, None, len(inputs.word_index), None),
+                    "reused": True, **prior.get("metrics", {})}
+        else:
+            ds, stats = training_dataset(ctx.store, inputs.features_rel, inputs.region_words, inputs.word_index)
+            pae_bytes, tsum = run_training(ctx, ds, stats, inputs.vocab["vectors"], run.run_id, tracking_uri, name)
+    except Exception as e:
+        run.set_tags({"train.error": f"{type(e).__name__}: {e}"})
+        raise
+    run.log_metrics({f"train.{k}": float(v) for k, v in tsum.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool)})
+    run.set_tags({"train.checkpoint": tsum["checkpoint"]})
+    run.log_dict({k: tsum[k] for k in ("run_name", "checkpoint", "final_epoch", "steps", "resumes")},
+                 "train/checkpoint.json")
+    return pae_bytes, tsum
+
+
+def knowledge_version(cfg: MaskConfig) -> str:
+    """The knowledge artifact's version: ``knowledge.version`` or ``k-<hash>`` of everything that shapes it."""
+    return cfg.knowledge.version or \
+        f"k-{cfg.hash('dataset', 'vocabulary', 'detector', 'model', 'loss', 'train', 'vectors', 'knowledge')}"
+
+
+# ---------------------------------------------------------------- the jobs
+
+
+def train_job(cfg: MaskConfig) -> dict[str, Any]:
+    """The training job: dataset → features → vocabulary → Ray Train, in its own MLflow run.
+
+    Returns:
+        A summary: ``dataset``, ``features``, ``vocabulary`` (incl. words without a vector),
+        ``training`` (run name, checkpoint URI, epochs, steps, resumes, final losses, pairs/s) and
+        ``mlflow`` (tracking URI, run id).
+    """
+    ctx = JobContext.from_config(cfg)
+    init_ray(cfg)
+    uri = tracking.tracking_uri(cfg.tracking, ctx.store.root)
+    with tracking.start_run(cfg.tracking, ctx.store.root, "train", params=cfg.flat(), tags={"job": "train"}) as run:
+        inputs = prepare_training_inputs(ctx, run)
+        _, tsum = train_model(ctx, inputs, run, uri)
+        return {**inputs.summary, "training": tsum,
+                "mlflow": {"tracking_uri": uri if run.run_id else None, "run_id": run.run_id}}
 
 
 def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
@@ -212,55 +516,34 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
     Returns:
         A summary: knowledge URI, MLflow run id and model version, counts, and the evaluation table.
     """
-    import ray.data
-
     from mask.knowledge import KnowledgeTable
     from mask.knowledge_artifact import load_knowledge, save_knowledge
-    from mask.pipeline.extract import features_rel, run_extraction
     from mask.pipeline.represent import knowledge_pass
-    from mask.vectors import load_vectors
 
     ctx = JobContext.from_config(cfg)
     init_ray(cfg)
     store: Store = ctx.store
-    summary: dict[str, Any] = {}
     uri = tracking.tracking_uri(cfg.tracking, store.root)
     with tracking.start_run(cfg.tracking, store.root, "build_knowledge", params=cfg.flat(),
                             tags={"job": "build_knowledge"}) as run:
         run_id = run.run_id
-        # 1. datasets
-        train = ensure_dataset(ctx, cfg.dataset, run_id)
-        summary["dataset"] = train["summary"]
-        # 2. detector + features on ground-truth boxes (the knowledge is built on those)
-        images = train["images"]
-        calib = images.column("uri").to_pylist()[:16]
-        det_weights = ensure_detector(ctx, calib)
-        given = cfg.detector.model_copy(update={"mode": "given"})
-        summary["features"] = run_extraction(cfg, store, cfg.dataset.name, images, train.get("regions"),
-                                             det_weights, det=given, tracker=run)
-        # 3. vocabulary and word vectors
-        kv = load_vectors(cfg.vectors.source, cfg.vectors.format, cfg.vectors.cache_dir)
-        vocab = vocabulary(cfg, train["regions"], kv)
-        summary["vocabulary"] = vocab["report"]
-        run.log_metrics({f"vocabulary.{k}": v for k, v in vocab["report"].items() if isinstance(v, int)})
-        word_index = {w: i for i, w in enumerate(vocab["words"])}
+        inputs = prepare_training_inputs(ctx, run)
+        summary: dict[str, Any] = dict(inputs.summary)
+        vocab = inputs.vocab
         # 4. knowledge (training first, unless this exact knowledge is committed)
-        version = cfg.knowledge.version or f"k-{cfg.hash('dataset', 'vocabulary', 'detector', 'model', 'loss', 'train', 'vectors', 'knowledge')}"
+        version = knowledge_version(cfg)
         krel = f"knowledge/{version}"
         if store.committed(krel, version) is not None:
             logger.info("knowledge %s is committed; reused", krel)
             table, pae_bytes = load_knowledge(store, krel)
             summary["training"] = {"reused": True}
         else:
-            frel = features_rel(cfg.dataset.name, given)
-            features = store.read_table(frel)
-            rw = region_word_map(train["regions"], word_index)
-            ttable = training_table(features, rw, word_index)
-            pae_bytes, tsum = run_training(ctx, ttable, vocab["vectors"], run_id, uri, f"train-{version}")
+            pae_bytes, tsum = train_model(ctx, inputs, run, uri)
             summary["training"] = tsum
-            run.log_metrics({f"train.{k}": float(v) for k, v in tsum.items() if isinstance(v, int | float)})
             gpus = cluster_gpus()
-            acc = knowledge_pass(ray.data.from_arrow(features), pae_bytes, word_index, rw, cfg.model.latent_dim,
+            feats = features_dataset(store, inputs.features_rel,
+                                     ["image_id", "features", "num_boxes", "feature_dim", "region_ids"])
+            acc = knowledge_pass(feats, pae_bytes, inputs.word_index, inputs.region_words, cfg.model.latent_dim,
                                  cfg.seed, num_gpus=1 if gpus else 0)
             protos, counts, missing = acc.prototypes()
             samples = acc.samples()
@@ -270,10 +553,10 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
                                    prototypes=protos[seen], source=["vg"] * int(seen.sum()),
                                    samples=samples[seen])
             if cfg.knowledge.ood_vocab_size:
-                table = _with_ood_vocabulary(table, kv, cfg)
+                table = _with_ood_vocabulary(table, inputs.kv, cfg)
             save_knowledge(store, krel, table, pae_bytes, config_hash=version, mlflow_run_id=run_id,
-                           lineage={"features": store.uri(frel), "training_run": tsum.get("checkpoint"),
-                                    "config_hash": version})
+                           lineage={"features": store.uri(inputs.features_rel),
+                                    "training_run": tsum.get("checkpoint"), "config_hash": version})
         summary["knowledge"] = {"uri": store.uri(krel), "words": len(table.words),
                                 "ood_rows": sum(1 for s in table.source if s == "ood")}
         summary["mlflow"] = {"tracking_uri": uri, "run_id": run_id}
@@ -283,7 +566,7 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
                 {"features": summary["features"]["features_uri"], "config_hash": version})
         # 5. evaluation on the gallery, if any
         if cfg.gallery is not None:
-            summary["evaluation"] = evaluate_gallery(ctx, table, pae_bytes, det_weights, run)
+            summary["evaluation"] = evaluate_gallery(ctx, table, pae_bytes, inputs.det_weights, run)
     return summary
 
 

@@ -1,13 +1,23 @@
 """Distributed MASK training with Ray Train (eq. 14 over VG region–word pairs).
 
-``train_loop_per_worker(config)`` is the whole per-worker loop: DDP model (gloo on CPU, NCCL on GPU),
-data from ``get_dataset_shard("train")`` as batches of *images* with their regions (padding mask) so
-self-attention sees each image's regions, checkpoints (model, optimiser, epoch, step, RNG) through
-``ray.train.report``, resume from ``ray.train.get_checkpoint()`` after a worker failure or on a rerun
-of the same run name, and MLflow metrics from rank 0.
+``train_loop_per_worker(config)`` is the whole per-worker loop: DDP model (gloo on CPU, NCCL on GPU,
+chosen by ``ray.train.torch.prepare_model``), data from ``get_dataset_shard("train")`` as batches of
+*images* with their regions (padding mask) so self-attention sees each image's regions, checkpoints
+(model, optimiser, epoch, step, RNG of every rank) through ``ray.train.report``, resume from
+``ray.train.get_checkpoint()`` after a worker failure or on a rerun of the same run name, and MLflow
+metrics from rank 0.
 
-Training rows (one per image): ``image_id, features (list<float16> n×M), num_boxes, feature_dim,
-pair_slot (list<int32>), pair_word (list<int32>)`` — a region with several words gives several pairs.
+Training rows (one per image, made by :class:`PairJoin` from the features artifact and the VG region
+words): ``image_id, features (list<float16> n×M), num_boxes, feature_dim, pair_slot (list<int32>),
+pair_word (list<int32>), num_pairs`` — a region with several words gives several pairs.
+
+Batch size: ``train.batch_size`` counts region–word pairs of the *global* batch (the paper's 4096);
+each worker takes ``batch_size / num_workers`` of them, rounded to whole images.  L_cm's pairwise term
+and L_cl's negatives run over each worker's share (no cross-worker gather), as in plain DDP.
+
+A non-finite loss stops every worker at the same step (a one-scalar all-reduce per step under DDP):
+they report the step and term and return, and the driver raises :class:`mask.losses.NonFiniteLoss`.
+It is not retried — a rerun from the last checkpoint would meet the same step.
 """
 
 from __future__ import annotations
@@ -23,11 +33,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from mask.config import MaskConfig
+from mask.config import MaskConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "MASK_FAULT_INJECT"  # read by the driver: "train_epoch:<n>:<marker path>" (fault tests)
+
+MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "rng.pt", "state.json"
+CHECKPOINT_FILES = (MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE)
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be read or does not match the model; the message names it."""
+
+
+class TrainingRunError(ValueError):
+    """A training run that cannot go on as configured (e.g. it already trained past ``train.epochs``)."""
 
 
 class TrainModule(torch.nn.Module):
@@ -44,34 +65,298 @@ class TrainModule(torch.nn.Module):
         return self.net(features, mask)
 
 
+# ---------------------------------------------------------------- data
+
+
+class PairJoin:
+    """Ray Data stage: feature rows + VG region words → training rows (``pair_slot``, ``pair_word``).
+
+    The region → word-ids map is held once per actor.  Rows whose regions carry no vocabulary word
+    are dropped (they have nothing to align).
+
+    Args:
+        region_words: region_id → word indices into the vocabulary.
+    """
+
+    def __init__(self, region_words: dict[str, list[int]]):
+        self.region_words = region_words
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep: list[int] = []
+        slots_col: list[np.ndarray] = []
+        words_col: list[np.ndarray] = []
+        for i, rids in enumerate(batch["region_ids"]):
+            slots: list[int] = []
+            wids: list[int] = []
+            for s, rid in enumerate(rids if rids is not None else ()):
+                for w in self.region_words.get(str(rid), ()):
+                    slots.append(s)
+                    wids.append(w)
+            if slots:
+                keep.append(i)
+                slots_col.append(np.asarray(slots, np.int32))
+                words_col.append(np.asarray(wids, np.int32))
+        idx = np.asarray(keep, np.int64)
+        return {"image_id": np.asarray(batch["image_id"])[idx],
+                "features": np.asarray(batch["features"])[idx],
+                "num_boxes": np.asarray(batch["num_boxes"])[idx].astype(np.int32),
+                "feature_dim": np.asarray(batch["feature_dim"])[idx].astype(np.int32),
+                "pair_slot": _objects(slots_col), "pair_word": _objects(words_col),
+                "num_pairs": np.asarray([len(s) for s in slots_col], np.int64)}
+
+
+def _objects(items: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):
+        out[i] = x
+    return out
+
+
 def collate(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Rows of images → padded tensors and flattened pairs.
+    """Rows of images → padded tensors and flattened pairs (vectorised; float16 → float32 on the device).
 
     Returns ``features`` (B, R, M), ``mask`` (B, R), ``pair_image``/``pair_slot``/``pair_word`` (P,).
     """
-    n = len(batch["num_boxes"])
-    counts = [int(c) for c in batch["num_boxes"]]
-    dim = int(batch["feature_dim"][0])
-    r_max = max(max(counts), 1)
-    feats = np.zeros((n, r_max, dim), np.float32)  # (B, R, M)
-    mask = np.zeros((n, r_max), bool)  # (B, R)
-    pi, ps, pw = [], [], []
-    for i in range(n):
-        c = counts[i]
-        if c:
-            feats[i, :c] = np.asarray(batch["features"][i], np.float32).reshape(c, dim)
-            mask[i, :c] = True
-        slots = np.asarray(batch["pair_slot"][i], np.int64)
-        pi.append(np.full(len(slots), i, np.int64))
-        ps.append(slots)
-        pw.append(np.asarray(batch["pair_word"][i], np.int64))
-    return {
-        "features": torch.from_numpy(feats).to(device),
-        "mask": torch.from_numpy(mask).to(device),
-        "pair_image": torch.from_numpy(np.concatenate(pi)).to(device),
-        "pair_slot": torch.from_numpy(np.concatenate(ps)).to(device),
-        "pair_word": torch.from_numpy(np.concatenate(pw)).to(device),
-    }
+    counts = np.asarray(batch["num_boxes"], np.int64)  # (B,)
+    n = len(counts)
+    dim = int(batch["feature_dim"][0]) if n else 0
+    r_max = max(int(counts.max(initial=0)), 1)
+    mask = np.arange(r_max)[None, :] < counts[:, None]  # (B, R)
+    mask_t = torch.from_numpy(mask).to(device)
+    feats = torch.zeros((n, r_max, dim), dtype=torch.float32, device=device)  # (B, R, M)
+    if counts.sum():
+        flat = np.concatenate([np.asarray(f).reshape(-1) for f in batch["features"]])  # (ΣR·M,)
+        # Row-major order of the mask's True slots is image by image, slot by slot: the stored order.
+        feats[mask_t] = torch.from_numpy(flat.reshape(-1, dim)).to(device).float()  # (ΣR, M)
+    lens = [len(s) for s in batch["pair_slot"]]
+    total = int(sum(lens))
+    if total:
+        slot = np.concatenate(list(batch["pair_slot"])).astype(np.int64)  # (P,)
+        word = np.concatenate(list(batch["pair_word"])).astype(np.int64)  # (P,)
+    else:
+        slot = word = np.zeros(0, np.int64)
+    image = np.repeat(np.arange(n, dtype=np.int64), lens)  # (P,)
+    return {"features": feats, "mask": mask_t,
+            "pair_image": torch.from_numpy(image).to(device),
+            "pair_slot": torch.from_numpy(slot).to(device),
+            "pair_word": torch.from_numpy(word).to(device)}
+
+
+def batch_pairs(train: TrainConfig, epoch: int) -> int:
+    """Global batch size in region–word pairs at ``epoch`` (Appendix I.2: 4096, then 2048 from epoch 200)."""
+    if train.late_epoch is not None and train.batch_size_late and epoch >= train.late_epoch:
+        return train.batch_size_late
+    return train.batch_size
+
+
+def images_per_batch(train: TrainConfig, epoch: int, pairs_per_image: float, world_size: int = 1) -> int:
+    """Images per worker batch that give about the configured global pair batch."""
+    return max(1, round(batch_pairs(train, epoch) / max(pairs_per_image, 1e-9) / world_size))
+
+
+def loss_weights(cfg: MaskConfig) -> dict[str, float]:
+    """Keyword arguments of :func:`mask.losses.mask_loss` from the config (λ1, λ2, KL weight, τ, DIAS)."""
+    lo = cfg.loss
+    return {"lambda_cm": lo.lambda_cm, "lambda_cl": lo.lambda_cl, "kl_weight": lo.kl_weight, "tau": lo.tau,
+            "dias_weight": lo.dias_weight}
+
+
+def train_step(model: torch.nn.Module, inner: TrainModule, opt: torch.optim.Optimizer, b: dict[str, torch.Tensor],
+               word_vectors: torch.Tensor, weights: dict[str, float], step: int,
+               sync_finite=None) -> dict[str, torch.Tensor]:
+    """One optimisation step of eq. 14 on a collated batch.
+
+    Args:
+        model: the (possibly DDP-wrapped) module.  inner: the unwrapped :class:`TrainModule`.
+        opt: optimiser.  b: :func:`collate` output.  word_vectors: (V, N) on the device.
+        weights: :func:`loss_weights`.  step: the number of this step (1-based), for errors.
+        sync_finite: callable(bool) → bool that agrees across workers whether every loss was finite.
+
+    Returns:
+        The loss terms (detached).
+
+    Raises:
+        NonFiniteLoss: a term is NaN/inf here (or on another worker, through ``sync_finite``);
+            no update is applied.
+    """
+    from mask.losses import NonFiniteLoss, check_finite, mask_loss
+
+    b = {**b, "word_vectors": word_vectors}
+    out = model(b["features"], b["mask"])
+    terms = mask_loss(out, b, prototypes=inner.prototypes.weight, **weights)
+    error: NonFiniteLoss | None = None
+    try:
+        check_finite(terms, step)
+    except NonFiniteLoss as e:
+        error = e
+    if sync_finite is not None and not sync_finite(error is None) and error is None:
+        error = NonFiniteLoss("loss", "nan on another worker", step)
+    if error is not None:
+        raise error
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    opt.step()
+    return {k: v.detach() for k, v in terms.items()}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(module: TrainModule, opt: torch.optim.Optimizer, state: dict[str, Any],
+                    rng_states: list[torch.Tensor], directory: str) -> None:
+    """Write a training checkpoint folder: weights (safetensors), optimiser, RNG per rank, state JSON.
+
+    Args:
+        module: the unwrapped module.  opt: optimiser.
+        state: ``epoch`` (last finished, 0-based), ``step``, ``resumes``, ``world_size``, ``metrics``
+            (that epoch's mean loss terms).
+        rng_states: torch CPU RNG state of every rank, in rank order.
+        directory: an existing folder; ``state.json`` is written last.
+    """
+    from safetensors.torch import save_file
+
+    weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(weights, os.path.join(directory, MODEL_FILE))
+    torch.save(opt.state_dict(), os.path.join(directory, OPTIM_FILE))
+    torch.save({"torch_rng": torch.stack([s.cpu() for s in rng_states])}, os.path.join(directory, RNG_FILE))
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump(state, f)
+
+
+def load_checkpoint_dir(directory: str, module: TrainModule | None = None,
+                        opt: torch.optim.Optimizer | None = None, rank: int = 0) -> dict[str, Any]:
+    """Load a training checkpoint folder.
+
+    Args:
+        directory: a folder written by :func:`save_checkpoint`.
+        module: load the weights into it (shapes and keys must match).
+        opt: load the optimiser state into it.
+        rank: restore this rank's torch RNG state when ``opt`` is given (a rank the checkpoint has no
+            state for is re-seeded from the step instead).
+
+    Returns:
+        The state JSON (``epoch``, ``step``, …) plus ``state`` (the weights).
+
+    Raises:
+        CheckpointError: a missing, truncated or unreadable file, or weights that do not match the
+            model — the message names the file.
+    """
+    from safetensors.torch import load_file
+
+    def path(name: str) -> str:
+        return os.path.join(directory, name)
+
+    try:
+        meta = json.loads(Path(path(STATE_FILE)).read_text())
+        if not isinstance(meta, dict) or not {"epoch", "step"} <= set(meta):
+            raise ValueError("no epoch/step in it")
+    except Exception as e:
+        raise CheckpointError(f"training checkpoint {path(STATE_FILE)}: unreadable ({e})") from e
+    try:
+        state = load_file(path(MODEL_FILE))
+    except Exception as e:
+        raise CheckpointError(f"training checkpoint {path(MODEL_FILE)}: unreadable or truncated ({e})") from e
+    if module is not None:
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"training checkpoint {path(MODEL_FILE)}: does not match the model "
+                                  f"(different model config?): {e}") from e
+    if opt is not None:
+        try:
+            opt.load_state_dict(torch.load(path(OPTIM_FILE), weights_only=True))
+        except Exception as e:
+            raise CheckpointError(f"training checkpoint {path(OPTIM_FILE)}: unreadable or does not match "
+                                  f"the optimiser ({e})") from e
+        try:
+            rng = torch.load(path(RNG_FILE), weights_only=True)["torch_rng"]
+        except Exception as e:
+            raise CheckpointError(f"training checkpoint {path(RNG_FILE)}: unreadable ({e})") from e
+        if rng.dim() == 2 and rank < rng.shape[0]:
+            torch.set_rng_state(rng[rank].clone())
+        else:
+            torch.manual_seed(int(meta["step"]) * 1000 + rank)
+    return {**meta, "state": state}
+
+
+def latest_checkpoint(fs, run_path: str) -> str | None:
+    """The newest complete checkpoint folder of a Ray Train run (largest ``step``, then ``epoch``).
+
+    A folder without ``state.json`` (an interrupted upload) is skipped; a damaged one with it is
+    returned so that loading it fails with a clear error rather than silently training from an older one.
+
+    Args:
+        fs: a ``pyarrow.fs.FileSystem``.  run_path: the run folder (``<storage_path>/<run name>``), fs-native.
+
+    Returns:
+        The fs-native path of the folder, or None when the run has no checkpoint.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return None
+    best: tuple[int, int, str] | None = None
+    for info in infos:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{STATE_FILE}") as f:
+                meta = json.loads(f.read().decode())
+            key = (int(meta["step"]), int(meta["epoch"]), info.path)
+        except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
+            continue
+        if best is None or key > best:
+            best = key
+    return best[2] if best else None
+
+
+def resume_checkpoint(registered, run_storage: tuple[Any, str] | None, module: TrainModule,
+                      opt: torch.optim.Optimizer, rank: int) -> dict[str, Any] | None:
+    """Load the checkpoint a (re)started worker continues from; None = start at epoch 0.
+
+    Ray Train registers a reported checkpoint only when its controller next polls the worker (every
+    couple of seconds), so a worker killed right after ``report`` restarts from the checkpoint before
+    it although the newer one is already persisted.  The newest complete checkpoint in the run's
+    storage folder is therefore tried first; if it cannot be loaded (an upload cut short by the
+    failure) it is skipped with a warning and Ray's registered checkpoint is used, whose failure to
+    load is an error.  The same scan covers a run folder that has checkpoints but no Ray snapshot.
+
+    Args:
+        registered: ``ray.train.get_checkpoint()`` (None when Ray has none).
+        run_storage: ``(pyarrow filesystem, run folder)``, or None to use only ``registered``.
+        module, opt, rank: see :func:`load_checkpoint_dir`.
+
+    Raises:
+        CheckpointError: the registered checkpoint cannot be loaded.
+    """
+    import ray.train
+
+    candidates: list[tuple[str, Any]] = []
+    if run_storage is not None:
+        fs, run_path = run_storage
+        newest = latest_checkpoint(fs, run_path)
+        if newest is not None and (registered is None or newest.rstrip("/") != str(registered.path).rstrip("/")):
+            candidates.append(("unregistered", ray.train.Checkpoint(newest, filesystem=fs)))
+    if registered is not None:
+        candidates.append(("registered", registered))
+    for kind, ckpt in candidates:
+        try:
+            with ckpt.as_directory() as d:
+                meta = load_checkpoint_dir(d, module, opt, rank=rank)
+        except CheckpointError as e:
+            if kind == "registered":
+                raise
+            logger.warning("rank %d: skipping checkpoint %s not registered by Ray Train (%s)", rank, ckpt.path, e)
+            continue
+        logger.info("rank %d: resuming after epoch %d (step %d) from %s checkpoint %s", rank, meta["epoch"],
+                    meta["step"], kind, ckpt.path)
+        return meta
+    return None
+
+
+# ---------------------------------------------------------------- the worker loop
 
 
 def _maybe_inject_fault(epoch: int, spec: str) -> None:
@@ -85,123 +370,141 @@ def _maybe_inject_fault(epoch: int, spec: str) -> None:
         os._exit(1)
 
 
-def _save_checkpoint(module: TrainModule, opt: torch.optim.Optimizer, epoch: int, step: int,
-                     directory: str) -> None:
-    from safetensors.torch import save_file
+def _worker_threads() -> int:
+    """Give torch the CPUs Ray assigned to this worker (Ray exports OMP_NUM_THREADS; make it explicit)."""
+    import ray
 
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, os.path.join(directory, "model.safetensors"))
-    torch.save(opt.state_dict(), os.path.join(directory, "optimizer.pt"))
-    torch.save({"torch_rng": torch.get_rng_state()}, os.path.join(directory, "rng.pt"))
-    with open(os.path.join(directory, "state.json"), "w") as f:
-        json.dump({"epoch": epoch, "step": step}, f)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
 
 
-def load_checkpoint_dir(directory: str, module: TrainModule | None = None,
-                        opt: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load a training checkpoint folder; a corrupt or mismatched one raises naming the file."""
-    from safetensors.torch import load_file
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker loop (see the module docstring).
 
-    path = os.path.join(directory, "model.safetensors")
-    try:
-        state = load_file(path)
-        meta = json.loads(Path(directory, "state.json").read_text())
-    except Exception as e:
-        raise CheckpointError(f"training checkpoint {directory}: unreadable ({e})") from e
-    if module is not None:
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"training checkpoint {path}: does not match the model: {e}") from e
-    if opt is not None:
-        opt.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
-        rng = torch.load(os.path.join(directory, "rng.pt"), weights_only=True)
-        torch.set_rng_state(rng["torch_rng"])
-    return {"state": state, **meta}
+    Args:
+        config: ``cfg`` (MaskConfig as JSON), ``word_vectors`` (V, N), ``pairs_per_image``,
+            ``mlflow_run_id`` / ``tracking_uri`` (None = no MLflow), ``fault`` (fault-injection spec),
+            ``run_storage`` (``(pyarrow filesystem, run folder)``, see :func:`resume_checkpoint`).
 
-
-class CheckpointError(ValueError):
-    """A training checkpoint that cannot be read or does not match the model."""
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker loop (see module docstring)."""
+    Returns:
+        The last epoch's metrics (Ray Train hands rank 0's to the driver as ``Result.return_value``),
+        or ``{"nonfinite": message, "step", "epoch"}`` when a loss term became NaN/inf.
+    """
     import ray.train
     import ray.train.torch
 
-    from mask.losses import check_finite, mask_loss
+    from mask.losses import NonFiniteLoss
 
     cfg = MaskConfig.model_validate(config["cfg"])
-    word_vectors = torch.as_tensor(np.asarray(config["word_vectors"], np.float32))  # (V, N)
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = _worker_threads()
     torch.manual_seed(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
-    module = TrainModule(cfg, word_vectors.shape[0])
-    opt = torch.optim.Adam(module.parameters(), lr=cfg.train.lr)
-    start_epoch, step = 0, 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            meta = load_checkpoint_dir(d, module, opt)
-        start_epoch, step = meta["epoch"] + 1, meta["step"]
-        logger.info("resuming from checkpoint at epoch %d", meta["epoch"])
-    model = ray.train.torch.prepare_model(module)
+    wv_np = np.asarray(config["word_vectors"], np.float32)  # (V, N)
+    module = TrainModule(cfg, wv_np.shape[0])
+    model = ray.train.torch.prepare_model(module)  # DDP when world > 1; moves to the device
     inner: TrainModule = model.module if hasattr(model, "module") else model
-    word_vectors = word_vectors.to(device)
+    device = ray.train.torch.get_device()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    start_epoch, step, resumes = 0, 0, 0
+    # every rank loads the same weights after DDP wrapping, so they stay identical; the optimiser
+    # state is loaded after the move to the device, so Adam casts its moments there
+    meta = resume_checkpoint(ray.train.get_checkpoint(), config.get("run_storage"), inner, opt, rank)
+    if meta is not None:
+        start_epoch, step, resumes = meta["epoch"] + 1, meta["step"], int(meta.get("resumes", 0)) + 1
+    dist = world > 1 and torch.distributed.is_initialized()
+    word_vectors = torch.from_numpy(wv_np).to(device)
     shard = ray.train.get_dataset_shard("train")
     client = None
-    if rank == 0 and config.get("mlflow_run_id"):
+    run_id = config.get("mlflow_run_id")
+    if rank == 0 and run_id:
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=config["tracking_uri"])
-    weights = {"lambda_cm": cfg.loss.lambda_cm, "lambda_cl": cfg.loss.lambda_cl,
-               "kl_weight": cfg.loss.kl_weight, "tau": cfg.loss.tau, "dias_weight": cfg.loss.dias_weight}
+        if resumes:
+            client.log_batch(run_id, metrics=_metrics({"train.resumed_at_epoch": start_epoch}, step))
+    weights = loss_weights(cfg)
+    log_every = cfg.train.log_every
+
+    def sync_finite(ok: bool) -> bool:
+        if not dist:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() == 0.0)
+
+    last_metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
         _maybe_inject_fault(epoch, config.get("fault", ""))
-        late = cfg.train.late_epoch is not None and epoch >= cfg.train.late_epoch
-        pairs_per_batch = cfg.train.batch_size_late if (late and cfg.train.batch_size_late) else cfg.train.batch_size
-        images_per_batch = max(1, round(pairs_per_batch / config["pairs_per_image"]))
+        per_worker = images_per_batch(cfg.train, epoch, config["pairs_per_image"], world)
         model.train()
         sums: dict[str, float] = {}
-        n_batches, n_pairs, t0 = 0, 0, time.perf_counter()
-        for batch in shard.iter_batches(batch_size=images_per_batch, batch_format="numpy",
-                                        local_shuffle_buffer_size=max(images_per_batch * 4, 64),
+        n_batches, n_pairs, t0, c0 = 0, 0, time.perf_counter(), time.process_time()
+        failure: NonFiniteLoss | None = None
+        for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
+                                        local_shuffle_buffer_size=max(per_worker * 4, 64),
                                         local_shuffle_seed=cfg.train.seed + epoch):
             b = collate(batch, device)
-            if b["pair_word"].numel() == 0:
-                continue
-            b["word_vectors"] = word_vectors
-            out = model(b["features"], b["mask"])
-            terms = mask_loss(out, b, prototypes=inner.prototypes.weight, **weights)
-            check_finite(terms, step)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
+            try:
+                terms = train_step(model, inner, opt, b, word_vectors, weights, step + 1, sync_finite)
+            except NonFiniteLoss as e:
+                failure = e
+                break
             step += 1
             n_batches += 1
             n_pairs += int(b["pair_word"].numel())
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if client is not None and step % config.get("log_every", 10) == 0:
-                client.log_batch(config["mlflow_run_id"], metrics=_metrics(
-                    {f"step.{k}": float(v.detach()) for k, v in terms.items()}, step))
+            values = {k: float(v) for k, v in terms.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if client is not None and step % log_every == 0:
+                client.log_batch(run_id, metrics=_metrics({f"step.{k}": v for k, v in values.items()}, step))
+        if failure is not None:
+            # every rank broke out at the same step (sync_finite); tell the driver, do not retry
+            msg = [str(failure)]
+            if dist:
+                msgs: list[Any] = [None] * world
+                torch.distributed.all_gather_object(msgs, str(failure))
+                msg = msgs
+            real = next((m for m in msg if "another worker" not in m), msg[0])
+            return {"nonfinite": real, "step": step + 1, "epoch": epoch}
         secs = time.perf_counter() - t0
-        metrics = {f"epoch.{k}": v / max(n_batches, 1) for k, v in sums.items()}
-        metrics.update({"epoch": epoch, "pairs_per_s": n_pairs * ctx.get_world_size() / max(secs, 1e-9),
-                        "step": step})
+        keys = sorted(sums)
+        totals = torch.tensor([float(n_pairs), float(n_batches), time.process_time() - c0,
+                               *[sums[k] for k in keys]], dtype=torch.float64)
+        if dist:
+            totals = totals.to(device)
+            torch.distributed.all_reduce(totals)
+            totals = totals.cpu()
+        all_pairs, all_batches = float(totals[0]), max(float(totals[1]), 1.0)
+        metrics: dict[str, Any] = {f"epoch.{k}": float(totals[3 + i]) / all_batches for i, k in enumerate(keys)}
+        # throughput of the whole run: pairs of all workers over this worker's wall time of the epoch
+        metrics.update({"epoch": epoch, "step": step, "pairs_per_s": all_pairs / max(secs, 1e-9),
+                        "epoch_seconds": secs, "epoch_pairs": all_pairs, "epoch_cpu_seconds": float(totals[2]),
+                        "resumes": resumes, "start_epoch": start_epoch, "threads": threads, "world_size": world})
+        last_metrics = metrics
         if client is not None:
-            client.log_batch(config["mlflow_run_id"], metrics=_metrics(metrics, epoch))
+            client.log_batch(run_id, metrics=_metrics(
+                {k: v for k, v in metrics.items() if k.startswith("epoch") and k != "epoch" or k == "pairs_per_s"},
+                epoch))
         last = epoch == cfg.train.epochs - 1
         if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
+            rng = [torch.get_rng_state()]
+            if dist:
+                rng = [None] * world
+                torch.distributed.all_gather_object(rng, torch.get_rng_state())
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
-                    _save_checkpoint(inner, opt, epoch, step, d)
+                    losses = {k: v for k, v in metrics.items() if k.startswith("epoch.")}
+                    save_checkpoint(inner, opt, {"epoch": epoch, "step": step, "resumes": resumes,
+                                                 "world_size": world, "metrics": losses}, rng, d)
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint)
         else:
             ray.train.report(metrics)
+    return last_metrics
 
 
 def _metrics(values: dict[str, float], step: int) -> list:
