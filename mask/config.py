@@ -116,6 +116,11 @@ class DetectorConfig(_Strict):
     # Images per detector batch, and detector actors (None = one per GPU, or per 2 CPUs).
     batch_size: int = Field(default=4, ge=1)
     num_actors: int | None = None
+    # Torch threads per detector actor on CPU-only clusters (None = the cluster's CPUs shared among the actors;
+    # each actor reserves 1 CPU in Ray, and Ray alone would pin it to OMP_NUM_THREADS=1).
+    cpu_threads: int | None = Field(default=None, ge=1)
+    # Restarts of a crashed detector actor, and retries of its in-flight batches (Ray's own; -1 = unlimited).
+    max_restarts: int = Field(default=3, ge=-1)
     # Calibrate BN statistics on the input images when the weights are random (demo only).
     calibrate_random: bool = True
     # Refuse images whose pixel count exceeds this (decompression-bomb guard).

@@ -5,6 +5,16 @@ declared where ``map_batches`` is called.  The write stage writes one Parquet pa
 by the hash of the batch's image ids, so a retried batch overwrites its own part and never duplicates
 an image.  Parts go to ``parts/run-<id>/`` and only enter the artifact when the driver commits the
 manifest (last), so a crashed run leaves nothing a reader takes; a rerun skips committed images.
+When the pipeline fails part-way, the driver first commits the parts that were finished, so the
+rerun resumes from them.
+
+Fault tolerance is Ray's own: a detector actor that dies is restarted (``detector.max_restarts``)
+and its in-flight batches are retried on the new actor (``max_task_retries``); decode and write
+tasks are retried by Ray's task retries.  Tests kill an actor through :data:`FAULT_ENV`.
+
+On CPU-only clusters each detector actor reserves one CPU in Ray (so decode and write tasks keep
+CPUs to run on), but runs torch with ``detector.cpu_threads`` threads (default: the cluster's CPUs
+shared among the actors); left alone, Ray would pin it to ``OMP_NUM_THREADS=1``.
 
 Artifact: ``features/<dataset>/<extractor>/`` with one row per image:
 ``image_id, boxes (list<float32>, n×4 xyxy original pixels), features (list<float16>, n×D),
@@ -16,18 +26,29 @@ and, for given boxes, ``region_ids`` (the kept boxes' ids).  Failures: ``…/_er
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import time
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from mask.config import DetectorConfig, MaskConfig
-from mask.storage import Store
+from mask.storage import Store, fingerprint
 
 logger = logging.getLogger(__name__)
+
+#: Read by the driver (fault tests only): ``detect_batch:<n>:<marker path>`` makes a detector actor
+#: exit hard (``os._exit``) at its n-th batch, once (the marker file records that it fired).
+FAULT_ENV = "MASK_FAULT_INJECT"
+
+#: Detector fields that change how extraction runs, never what it produces (images are batched by
+#: equal shape without padding, RoI chunks do not change results): left out of the artifact name.
+EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "cpu_threads", "max_restarts", "device", "roi_chunk"})
 
 FEATURES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -56,10 +77,9 @@ ERRORS_SCHEMA = pa.schema([
 
 
 def extractor_name(det: DetectorConfig) -> str:
-    """Folder name of a detector configuration: readable prefix + hash of everything."""
-    from mask.config import MaskConfig as _C
-
-    h = _C(detector=det).hash("detector")[:10]
+    """Folder name of a detector configuration: readable prefix + hash of every field that shapes the
+    features (not :data:`EXECUTION_FIELDS`, so a rerun with another batch size or actor count resumes)."""
+    h = fingerprint(det.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)))[:10]
     return f"{det.backend}-r{det.depth}-{det.mode}-{h}"
 
 
@@ -126,12 +146,39 @@ def _object_array(items: list) -> np.ndarray:
     return arr
 
 
-class DetectStage:
-    """Actor stage: one detector per actor, batched forward over the decoded images."""
+def _maybe_inject_fault(batch_no: int, spec: str) -> None:
+    """Fault injection for the tests: ``detect_batch:<n>:<marker>`` kills this actor once at its n-th batch."""
+    if not spec.startswith("detect_batch:"):
+        return
+    from pathlib import Path
 
-    def __init__(self, det_cfg: dict[str, Any], weights: tuple[str, dict, str] | None):
+    _, at, marker = spec.split(":", 2)
+    if int(at) == batch_no and not Path(marker).exists():
+        Path(marker).write_text("fired")
+        logger.warning("fault injection: killing this detector actor at its batch %d", batch_no)
+        os._exit(1)
+
+
+class DetectStage:
+    """Actor stage: one detector per actor, batched forward over the decoded images.
+
+    Args:
+        det_cfg: the detector config (dumped).
+        weights: (storage root, options, artifact) of committed detector weights, or None.
+        cpu_threads: torch threads of this actor (None: leave torch's/Ray's setting).
+        fault: a :data:`FAULT_ENV` spec (tests), or "".
+    """
+
+    def __init__(self, det_cfg: dict[str, Any], weights: tuple[str, dict, str] | None,
+                 cpu_threads: int | None = None, fault: str = ""):
+        import torch
+
         from mask.features.extractor import RegionExtractor
 
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.fault = fault
+        self.batches = 0
         cfg = DetectorConfig.model_validate(det_cfg)
         state = None
         if weights is not None:  # (storage root, options, artifact) of committed detector weights
@@ -140,7 +187,9 @@ class DetectStage:
         self.extractor = RegionExtractor.from_config(cfg, state_dict_bytes=state)
         self.given = cfg.mode == "given"
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        self.batches += 1
+        _maybe_inject_fault(self.batches, self.fault)
         n = len(batch["image_id"])
         ok = [i for i in range(n) if not batch["error"][i]]
         results: dict[int, dict] = {}
@@ -165,7 +214,12 @@ class DetectStage:
         return _detect_columns(batch, results, self.given)
 
 
-def _detect_columns(batch: dict[str, Any], results: dict[int, dict], given: bool) -> dict[str, Any]:
+def _detect_columns(batch: dict[str, Any], results: dict[int, dict], given: bool) -> pa.Table:
+    """The detector's output batch as an Arrow table: the features columns + ``uri, stage, error, message``.
+
+    Arrow straight away (list columns built from flat numpy buffers), so neither Ray Data nor the
+    write stage converts the features element by element.
+    """
     n = len(batch["image_id"])
     cols: dict[str, list] = {k: [] for k in FEATURES_SCHEMA.names}
     cols.update(uri=[], stage=[], error=[], message=[])
@@ -218,35 +272,60 @@ def _detect_columns(batch: dict[str, Any], results: dict[int, dict], given: bool
             cols["region_ids"].append([str(ids[k]) for k in kept])
         else:
             cols["region_ids"].append([])
-    return {k: _object_array(v) for k, v in cols.items()}
+    arrays = {}
+    for k in FEATURES_SCHEMA.names:
+        t = FEATURES_SCHEMA.field(k).type
+        arrays[k] = _list_array(cols[k], t) if pa.types.is_list(t) else pa.array(cols[k], type=t)
+    for k in ("uri", "stage", "error", "message"):
+        arrays[k] = pa.array([str(x) for x in cols[k]], type=pa.string())
+    return pa.table(arrays)
 
 
-def write_batch(batch: dict[str, Any], root: str, options: dict[str, Any], rel: str, run_dir: str) -> dict[str, Any]:
-    """Write stage (Ray tasks): one batch as a Parquet part (+ an errors part); returns its metadata row."""
+def _list_array(rows: list, typ: pa.ListType) -> pa.Array:
+    """A ``list<…>`` array from per-row sequences (None = a null row) via one flat buffer and offsets."""
+    lengths = np.array([0 if r is None else r.size if isinstance(r, np.ndarray) else len(r) for r in rows], np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    vt = typ.value_type
+    if pa.types.is_string(vt):
+        flat = pa.array([x for r in rows if r is not None for x in r], type=vt)
+    else:
+        parts = [np.asarray(r).reshape(-1) for r in rows if r is not None]
+        dtype = vt.to_pandas_dtype()
+        values = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+        if pa.types.is_float16(vt):  # pyarrow converts float16 numpy arrays value by value; reinterpret the bits
+            flat = pa.array(values.view(np.uint16), type=pa.uint16()).view(vt)
+        else:
+            flat = pa.array(values, type=vt)
+    mask = pa.array(np.array([r is None for r in rows], bool))
+    return pa.ListArray.from_arrays(offsets, flat, type=typ, mask=mask)
+
+
+def write_batch(batch: pa.Table, root: str, options: dict[str, Any], rel: str, run_dir: str) -> dict[str, Any]:
+    """Write stage (Ray tasks, Arrow batches): one batch as a Parquet part (+ an errors part).
+
+    Returns:
+        Its metadata row: part names, row counts and the errors counted by ``stage.error`` (JSON).
+    """
+    import pyarrow.compute as pc
+
     store = Store(root, options)
-    n = len(batch["image_id"])
-    good = [i for i in range(n) if not batch["error"][i]]
-    bad = [i for i in range(n) if batch["error"][i]]
-    name = _batch_part_name([str(x) for x in batch["image_id"]])
+    failed = pc.not_equal(batch["error"], "")
+    good = batch.filter(pc.invert(failed)).select(FEATURES_SCHEMA.names).cast(FEATURES_SCHEMA)
+    bad = batch.filter(failed).select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA)
+    name = _batch_part_name([str(x) for x in batch["image_id"].to_pylist()])
     out_name = err_name = ""
-    if good:
-        table = pa.table({k: pa.array([_plain(batch[k][i]) for i in good], type=FEATURES_SCHEMA.field(k).type)
-                          for k in FEATURES_SCHEMA.names}, schema=FEATURES_SCHEMA)
+    if good.num_rows:
         out_name = f"{run_dir}/{name}.parquet"
-        store.write_parquet(f"{rel}/parts/{out_name}", table)
-    if bad:
-        table = pa.table({k: pa.array([_plain(batch[k][i]) for i in bad], type=pa.string())
-                          for k in ERRORS_SCHEMA.names}, schema=ERRORS_SCHEMA)
+        store.write_parquet(f"{rel}/parts/{out_name}", good)
+    if bad.num_rows:
         err_name = f"{run_dir}/{name}.parquet"
-        store.write_parquet(f"{rel}/_errors/parts/{err_name}", table)
-    return {"part": np.array([out_name]), "rows": np.array([len(good)]),
-            "errors_part": np.array([err_name]), "error_rows": np.array([len(bad)])}
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x
+        store.write_parquet(f"{rel}/_errors/parts/{err_name}", bad)
+    kinds: dict[str, int] = {}
+    for st, er in zip(bad["stage"].to_pylist(), bad["error"].to_pylist(), strict=True):
+        kinds[f"{st}.{er}"] = kinds.get(f"{st}.{er}", 0) + 1
+    return {"part": np.array([out_name]), "rows": np.array([good.num_rows]),
+            "errors_part": np.array([err_name]), "error_rows": np.array([bad.num_rows]),
+            "error_kinds": np.array([json.dumps(kinds, sort_keys=True)])}
 
 
 def committed_image_ids(store: Store, rel: str) -> set[str]:
@@ -271,10 +350,14 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
         regions: ground-truth regions (``image_id, region_id, box``) for mode "given".
         detector_weights: artifact holding the detector's safetensors (None: the config's weights).
         det: detector config overriding ``cfg.detector`` (e.g. mode "given" for VG).
-        tracker: an open tracking run (``log_metrics``) or None.
+        tracker: an open tracking run (``log_metrics``, ``log_dict``) or None.
 
     Returns:
-        Summary: artifact URI, counts (images, done before, extracted, errors), seconds, images/s.
+        Summary: artifact URI, counts (images, done before, extracted, errors and errors by
+        ``stage.error``), actors and threads, seconds, images/s.
+
+    Raises:
+        Whatever the Ray Data pipeline raised (after committing the batches that had finished).
     """
     import ray
 
@@ -290,42 +373,73 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
         if regions is None:
             raise ValueError(f"detector mode 'given' needs ground-truth regions for dataset {dataset!r}")
         todo = _attach_boxes(todo, regions)
-    summary = {"features_uri": store.uri(rel), "images": len(ids), "done_before": len(ids) - todo.num_rows}
+    summary: dict[str, Any] = {"features_uri": store.uri(rel), "images": len(ids),
+                               "done_before": len(ids) - todo.num_rows}
     t0 = time.perf_counter()
     metas: list[dict] = []
+
+    def commit() -> None:
+        parts = sorted({m["part"] for m in metas if m["part"]})
+        err_parts = sorted({m["errors_part"] for m in metas if m["errors_part"]})
+        _commit(store, rel, parts, kind="features", config_hash=extractor_name(det), schema=FEATURES_SCHEMA,
+                inputs={"dataset": dataset, "images": len(ids)}, tracker=tracker)
+        _commit(store, f"{rel}/_errors", err_parts, kind="features.errors", config_hash=extractor_name(det),
+                schema=ERRORS_SCHEMA, inputs={"dataset": dataset}, tracker=tracker)
+
     if todo.num_rows:
         gpus = cluster_gpus()
-        n_actors = det.num_actors or max(1, gpus or (int(ray.cluster_resources().get("CPU", 2)) // 2))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n_actors = det.num_actors or max(1, gpus or cpus // 2)
+        threads = None if gpus else (det.cpu_threads or max(1, cpus // n_actors))
+        summary.update(actors=n_actors, gpus_per_actor=1 if gpus else 0, cpu_threads_per_actor=threads or 0)
         run_dir = f"run-{uuid.uuid4().hex[:12]}"
         weights = None if detector_weights is None else (cfg.storage.root, cfg.storage.options, detector_weights)
         bs = det.batch_size
+        retries = {"max_restarts": det.max_restarts}
+        if det.max_restarts != 0:
+            retries["max_task_retries"] = det.max_restarts
         # one block per batch, so decode and detection overlap and a retried block is one batch
         ds = ray.data.from_arrow([todo.slice(i, bs) for i in range(0, todo.num_rows, bs)])
         ds = ds.map_batches(decode_batch, fn_kwargs={"storage_options": cfg.storage.options,
                                                      "det_cfg": det.model_dump()},
                             batch_size=bs, num_cpus=0.5)
-        ds = ds.map_batches(DetectStage, fn_constructor_args=(det.model_dump(), weights),
-                            batch_size=bs, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-                            compute=ray.data.ActorPoolStrategy(size=n_actors))
+        with warnings.catch_warnings():
+            # max_restarts / max_task_retries have no named map_batches parameter in Ray 2.60; the
+            # remote-args kwargs that carry them are deprecated (removal announced for Ray 2.64).
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+            ds = ds.map_batches(DetectStage,
+                                fn_constructor_args=(det.model_dump(), weights, threads, os.environ.get(FAULT_ENV, "")),
+                                batch_size=bs, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+                                compute=ray.data.ActorPoolStrategy(size=n_actors), **retries)
         ds = ds.map_batches(write_batch, fn_kwargs={"root": cfg.storage.root, "options": cfg.storage.options,
                                                     "rel": rel, "run_dir": run_dir},
-                            batch_size=bs, num_cpus=0.25)
-        for row in ds.iter_rows():
-            metas.append(row)
+                            batch_size=bs, batch_format="pyarrow", num_cpus=0.25)
+        try:
+            for row in ds.iter_rows():
+                metas.append(row)
+        except BaseException:
+            logger.error("features %s: the pipeline failed after %d finished batches; committing those so a "
+                         "rerun resumes from them", dataset, len(metas))
+            commit()
+            raise
     secs = time.perf_counter() - t0
-    parts = sorted({m["part"] for m in metas if m["part"]})
-    err_parts = sorted({m["errors_part"] for m in metas if m["errors_part"]})
     n_ok = int(sum(m["rows"] for m in metas))
     n_err = int(sum(m["error_rows"] for m in metas))
-    _commit(store, rel, parts, kind="features", config_hash=extractor_name(det), schema=FEATURES_SCHEMA,
-            inputs={"dataset": dataset, "images": len(ids)}, tracker=tracker)
-    _commit(store, f"{rel}/_errors", err_parts, kind="features.errors", config_hash=extractor_name(det),
-            schema=ERRORS_SCHEMA, inputs={"dataset": dataset}, tracker=tracker)
-    summary.update(extracted=n_ok, errors=n_err, seconds=round(secs, 3),
+    kinds: dict[str, int] = {}
+    for m in metas:
+        for k, v in json.loads(m["error_kinds"]).items():
+            kinds[k] = kinds.get(k, 0) + v
+    commit()
+    summary.update(extracted=n_ok, errors=n_err, errors_by_kind=dict(sorted(kinds.items())),
+                   seconds=round(secs, 3),
                    images_per_s=round((n_ok + n_err) / secs, 3) if secs > 0 and metas else 0.0)
     if tracker is not None:
-        tracker.log_metrics({f"extract.{dataset}.{k}": float(v) for k, v in summary.items()
-                             if isinstance(v, int | float)})
+        metrics = {f"extract.{dataset}.{k}": float(v) for k, v in summary.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        metrics.update({f"extract.{dataset}.errors.{k}": float(v) for k, v in kinds.items()})
+        tracker.log_metrics(metrics)
+        if hasattr(tracker, "log_dict"):
+            tracker.log_dict(summary, f"extract_{dataset}.json")
     logger.info("features %s: %s", dataset, summary)
     return summary
 

@@ -17,19 +17,27 @@ logger = logging.getLogger(__name__)
 
 
 def init_ray(cfg: MaskConfig) -> None:
-    """Start or join Ray as the config says (no-op when already initialised)."""
+    """Start or join Ray as the config says (an already initialised Ray is kept as it is).
+
+    Workers take S3 credentials from their own environment / AWS chain, never from this process:
+    a local Ray started here inherits this process's environment; on a cluster each node needs its
+    own (an instance role, or the environment ``ray start`` ran with).  Credentials are not forwarded
+    through Ray's ``runtime_env``: Ray's runtime-env agent writes the serialized environment, values
+    included, into ``runtime_env_agent.log`` (checked with Ray 2.60).
+    """
     import ray
 
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        logger.info("joining Ray at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        logger.info("starting a local Ray (num_cpus=%s)", cfg.ray.num_cpus)
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
-    # Ray Data's own progress bars, quiet per-operator logs.
+    if not ray.is_initialized():
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address and address != "local":
+            logger.info("joining Ray at %s", address)
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # address="local": a new instance, never a cluster that `ray start` left running on this machine
+            # (a bare ray.init() would join the one recorded in /tmp/ray/ray_current_cluster).
+            logger.info("starting a local Ray (num_cpus=%s)", cfg.ray.num_cpus)
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    # Ray Data's own progress bars, quiet per-operator logs (also when Ray was started by the caller).
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.verbose_stats_logs = False
