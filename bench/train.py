@@ -8,16 +8,19 @@ artifact joined with VG region words gives), the same model (PAE + FRM + MTM at 
 eq. 14 loss, Adam) and the same batch size:
 
 1. bare PyTorch: a plain loop over the Arrow table (shuffled, converted to numpy per batch like
-   Ray Data does), the same ``collate`` and ``train_step``, torch's default threads;
+   Ray Data does), the same ``collate`` and ``train_step``, torch's default threads; before Ray starts;
 2. Ray Train, 1 worker (all CPUs of the machine, so the same threads): ``run_training`` as the
    jobs call it, data through Ray Data ``get_dataset_shard``;
 3. Ray Train, 2 workers (DDP over gloo, the CPUs split between them);
-4. bare PyTorch again (the machine may be shared: the better of 1 and 4 is the reference).
+4. bare PyTorch again (Ray idle); 2–4 are repeated ``--repeats`` times.  Each Ray 1-worker run is
+   compared with the better of the bare runs just before and after it (the machine may be shared,
+   and its load changes between runs), and the median over repeats is printed.
 
 Steady state: the first epoch of each is warm-up and left out; the rate is total pairs / total
 seconds of the other epochs (measured inside the loop, data loading included).  Startup = fit()
 wall time − the epochs' time (worker group start, dataset split, checkpoint, shutdown).  Also
-printed: CPU seconds per epoch of the training process (load-independent), and pairs per CPU-second.
+printed: CPU seconds per epoch of the training process(es) (less sensitive to other load than wall
+time, not immune to it), and pairs per CPU-second.
 Target: Ray Train (1 worker) / bare ≥ 0.85.
 """
 
@@ -132,13 +135,12 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=2048, help="region–word pairs per global batch")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of (Ray 1 worker, Ray 2 workers, bare)")
     args = p.parse_args()
 
     import ray
 
     cpus = os.cpu_count() or 1
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=cpus, include_dashboard=False,
-             log_to_driver=False)
     cfg = load_config("vg", [f"train.epochs={args.epochs}", f"train.batch_size={args.batch}", "train.batch_size_late=null",
                              "train.late_epoch=null", "train.use_gpu=false", "train.cpus_per_worker=null",
                              f"train.checkpoint_every={args.epochs}", "train.log_every=1000000",
@@ -149,29 +151,37 @@ def main() -> None:
     print(f"data: {args.images} images, {pairs} pairs/epoch, features {table.nbytes / 2**20:.0f} MiB; "
           f"model M={cfg.model.feature_dim} Z={cfg.model.latent_dim} N={cfg.model.word_dim}; batch {args.batch} pairs; "
           f"{args.epochs} epochs (first = warm-up); {cpus} CPUs, torch threads {torch.get_num_threads()}")
-    results = {}
+    bare_runs: list[dict] = []
+    ray_runs: dict[int, list[dict]] = {1: [], 2: []}
+
+    def bare() -> None:
+        bare_runs.append(steady(bare_loop(cfg, table, wv, args.epochs)))
+        print(f"bare PyTorch #{len(bare_runs)}        ", _fmt(bare_runs[-1]), flush=True)
+
     with tempfile.TemporaryDirectory() as root:
-        results["bare"] = steady(bare_loop(cfg, table, wv, args.epochs))
-        print("bare PyTorch          ", _fmt(results["bare"]), flush=True)
-        for w in (1, 2):
-            epochs, wall = ray_train(cfg, table, wv, w, os.path.join(root, f"w{w}"))
-            s = steady(epochs)
-            s["startup_s"] = wall - sum(e["seconds"] for e in epochs)
-            results[f"ray{w}"] = s
-            print(f"Ray Train, {w} worker{'s' if w > 1 else ' '}  ", _fmt(s), f"startup+teardown {s['startup_s']:.1f} s",
-                  flush=True)
-        again = steady(bare_loop(cfg, table, wv, args.epochs))
-        print("bare PyTorch (again)  ", _fmt(again), flush=True)
-    # the better bare run is the reference (on a shared machine the slower one was disturbed)
-    bare = max(results["bare"]["pairs_per_s"], again["pairs_per_s"])
-    bare_cpu = max(results["bare"]["pairs_per_cpu_s"], again["pairs_per_cpu_s"])
-    r1, r2 = results["ray1"], results["ray2"]
-    print(f"Ray Train (1 worker) / bare PyTorch: {r1['pairs_per_s'] / bare:.3f} (wall, vs the better bare run; "
-          f"target >= 0.85), {r1['pairs_per_cpu_s'] / bare_cpu:.3f} (per CPU-second); vs each bare run: "
-          f"{r1['pairs_per_s'] / results['bare']['pairs_per_s']:.3f}, {r1['pairs_per_s'] / again['pairs_per_s']:.3f}")
-    print(f"Ray Train 2 workers / 1 worker:      {r2['pairs_per_s'] / r1['pairs_per_s']:.3f} (wall), "
-          f"{r2['pairs_per_cpu_s'] / r1['pairs_per_cpu_s']:.3f} (per CPU-second)")
-    ray.shutdown()
+        # first bare run before Ray starts: its daemons and pre-started workers use CPU after ray.init
+        bare()
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=cpus, include_dashboard=False,
+                 log_to_driver=False)
+        for rep in range(args.repeats):
+            for w in (1, 2):
+                epochs, wall = ray_train(cfg, table, wv, w, os.path.join(root, f"r{rep}w{w}"))
+                s = steady(epochs)
+                s["startup_s"] = wall - sum(e["seconds"] for e in epochs)
+                ray_runs[w].append(s)
+                print(f"Ray Train {w} worker{'s' if w > 1 else ' '} #{rep + 1}", _fmt(s),
+                      f"startup+teardown {s['startup_s']:.1f} s", flush=True)
+            bare()
+        ray.shutdown()
+    # Each Ray run against the better of the bare runs just before and after it (a shared machine's
+    # load changes between runs; the slower neighbour was the disturbed one); the median over repeats.
+    for key, label in (("pairs_per_s", "wall"), ("pairs_per_cpu_s", "per CPU-second")):
+        r1 = [ray_runs[1][i][key] / max(bare_runs[i][key], bare_runs[i + 1][key]) for i in range(args.repeats)]
+        r21 = [ray_runs[2][i][key] / ray_runs[1][i][key] for i in range(args.repeats)]
+        print(f"Ray Train (1 worker) / bare PyTorch, {label}: median {statistics.median(r1):.3f} "
+              f"(each: {', '.join(f'{x:.3f}' for x in r1)}){'; target >= 0.85' if key == 'pairs_per_s' else ''}")
+        print(f"Ray Train 2 workers / 1 worker, {label}:     median {statistics.median(r21):.3f} "
+              f"(each: {', '.join(f'{x:.3f}' for x in r21)})")
 
 
 def _fmt(s: dict[str, float]) -> str:
