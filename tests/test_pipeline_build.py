@@ -51,6 +51,8 @@ def test_main_job_rerun_reuses_committed_work(built):
     assert again["knowledge"]["uri"] == first["knowledge"]["uri"]
     # identical scores: nothing random leaked into the reused path
     assert again["evaluation"]["mask"] == first["evaluation"]["mask"]
+    # the gap measures find the checkpoint through the knowledge's lineage
+    assert again["gap"] and again["gap"] == first["gap"]
 
 
 def test_mlflow_run_has_metrics_and_artifacts(built):
@@ -64,6 +66,11 @@ def test_mlflow_run_has_metrics_and_artifacts(built):
     assert run.data.params["model.latent_dim"] == "128"
     hist = client.get_metric_history(run.info.run_id, "epoch.loss")
     assert len(hist) == 3
+    # modality-gap measures of the trained MTM (mask.alignment) and the knowledge it built
+    assert run.data.metrics["gap.prototype.n"] == s["knowledge"]["words"]
+    assert 0.0 <= run.data.metrics["gap.prototype.cos_r1"] <= 1.0
+    assert run.data.metrics["gap.prototype.w2_exact"] > 0.0
+    assert run.data.tags["knowledge.uri"] == s["knowledge"]["uri"]
 
 
 def test_config_error_before_any_work(tmp_path, capsys):

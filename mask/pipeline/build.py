@@ -559,6 +559,11 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
                                     "training_run": tsum.get("checkpoint"), "config_hash": version})
         summary["knowledge"] = {"uri": store.uri(krel), "words": len(table.words),
                                 "ood_rows": sum(1 for s in table.source if s == "ood")}
+        run.set_tags({"knowledge.uri": store.uri(krel)})
+        # 4b. modality-gap measures of the trained MTM (gap.* metrics; diagnostics, never fatal)
+        from mask.pipeline.gap import knowledge_checkpoint, log_gap_measures
+
+        summary["gap"] = log_gap_measures(store, cfg, table, knowledge_checkpoint(store, krel), run)
         summary["mlflow"] = {"tracking_uri": uri, "run_id": run_id}
         if run_id is not None:
             summary["mlflow"]["model_version"] = tracking.register_knowledge(
