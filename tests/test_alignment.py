@@ -156,3 +156,42 @@ def test_gap_measures_use_the_mtm_on_region_learned_rows(rng):
 def test_mtm_from_state_names_missing_weights():
     with pytest.raises(AlignmentInputError, match="no MTM weights"):
         mtm_from_state({"net.pae.fc.weight": torch.zeros(2, 2)}, num_heads=1)
+
+
+class _Recorder:
+    """Stands in for a tracking run: keeps what is logged."""
+
+    def __init__(self):
+        self.params, self.metrics = {}, {}
+
+    def log_params(self, p):
+        self.params.update(p)
+
+    def log_metrics(self, m, step=None):
+        self.metrics.update(m)
+
+
+def test_log_gap_measures_reads_the_checkpoint_or_records_why_not(rng, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from mask.config import load_config
+    from mask.models import MTM
+    from mask.pipeline.gap import log_gap_measures
+    from mask.storage import Store
+
+    cfg = load_config("demo", ["model.latent_dim=8", "model.word_dim=6", "model.num_heads=2"])
+    table = _table(rng)
+    torch.manual_seed(1)
+    mtm = MTM(latent_dim=8, word_dim=6, num_heads=2).eval()
+    ck = tmp_path / "checkpoint_000"
+    ck.mkdir()
+    save_file({f"net.mtm.{k}": v.contiguous() for k, v in mtm.state_dict().items()}, str(ck / "model.safetensors"))
+    store = Store(str(tmp_path))
+    run = _Recorder()
+    got = log_gap_measures(store, cfg, table, str(ck), run)
+    assert got == run.metrics == gap_measures(table, mtm, seed=cfg.seed)
+    for missing, why in ((None, "no training checkpoint is recorded"), (str(tmp_path / "gone"), "model.safetensors")):
+        run = _Recorder()
+        assert log_gap_measures(store, cfg, table, missing, run) == {} and run.metrics == {}
+        assert why in run.params["gap.skipped"]
+    assert "modality-gap measures skipped" in caplog.text
