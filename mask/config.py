@@ -275,6 +275,17 @@ class RerankConfig(_Strict):
     base_scores: str | None = None
 
 
+class IndexConfig(_Strict):
+    # Knowledge the scheduled re-index scores with: a path/URI, "@alias" or "models:/name/version";
+    # None = the version this config builds when committed, else the newest registered.
+    knowledge: str | None = None
+    # Seconds a re-index run holds its lease without renewing (renewed every third of it while alive);
+    # a killed run blocks the next one for at most this long.
+    lease_ttl_s: float = Field(default=600.0, gt=0)
+    # New images up to this many get μ on the driver; more go through Ray Data.
+    local_max_images: int = Field(default=256, ge=0)
+
+
 class ClipConfig(_Strict):
     # open_clip architecture: a built-in name (ViT-B-32, RN50, …), "hf-hub:org/repo", "local-dir:/path",
     # or the name under which `architecture` is registered.
@@ -312,6 +323,7 @@ class MaskConfig(_Strict):
     knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     rerank: RerankConfig = Field(default_factory=RerankConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)
     seed: int = 0
 

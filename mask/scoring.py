@@ -300,21 +300,32 @@ class _ChunkScorer:
         vb = min(max(self.protos_t.shape[0], 1), self.vocab_block)
         return max(1, int(max_block_elements) // max(1, num_regions * vb))
 
-    def score(self, mu: np.ndarray, mask: np.ndarray, offset: int = 0) -> np.ndarray:
-        """Raw eq. 10 scores of one image chunk: (n, R, Z), (n, R) → (n, T) float32 (no fill applied)."""
+    def per_word(self, mu: np.ndarray, mask: np.ndarray, offset: int = 0) -> np.ndarray:
+        """The pooled word terms of eq. 10 for one image chunk: max (or mean) over real regions of μ·v
+        for every used word, (n, R, Z), (n, R) → (n, Vu) float32 (zeros where there is nothing to pool)."""
         bad = _first_bad(mu, mask)
         if bad is not None:
             raise ScoringError(f"image_mu: non-finite value at image {offset + bad[0]}, region {bad[1]}, "
                                f"dimension {bad[2]}")
         n = mu.shape[0]
-        t = self.captions.num_captions
         if self.protos_t.shape[0] == 0 or n == 0 or mu.shape[1] == 0:
-            return np.zeros((n, t), np.float32)
+            return np.zeros((n, self.protos_t.shape[0]), np.float32)
         if self.pooling == "max-mean":
-            per_word = _word_max(mu, mask, self.protos_t, self.vocab_block)  # (n, Vu)
-        else:
-            per_word = _word_mean(mu, mask, self.protos_t)  # (n, Vu)
+            return _word_max(mu, mask, self.protos_t, self.vocab_block)  # (n, Vu)
+        return _word_mean(mu, mask, self.protos_t)  # (n, Vu)
+
+    def aggregate(self, per_word: np.ndarray) -> np.ndarray:
+        """The mean over each caption's words: (n, Vu) → (n, T) float32 (sparse caption × word product)."""
+        if per_word.shape[1] != self.protos_t.shape[0]:
+            raise ScoringError(f"per-word scores have {per_word.shape[1]} columns, the captions use "
+                               f"{self.protos_t.shape[0]} words")
+        if per_word.shape[1] == 0:
+            return np.zeros((per_word.shape[0], self.captions.num_captions), np.float32)
         return np.ascontiguousarray((self.weights_t @ per_word.T).T, dtype=np.float32)  # (n, T)
+
+    def score(self, mu: np.ndarray, mask: np.ndarray, offset: int = 0) -> np.ndarray:
+        """Raw eq. 10 scores of one image chunk: (n, R, Z), (n, R) → (n, T) float32 (no fill applied)."""
+        return self.aggregate(self.per_word(mu, mask, offset))
 
 
 def _apply_fill(scores: np.ndarray, image_ok: np.ndarray, caption_ok: np.ndarray) -> float | None:
@@ -375,6 +386,33 @@ def score_matrix(image_mu: Any, image_mask: Any, caption_words: Sequence[Sequenc
         logger.warning("score_matrix: %d empty captions and %d images without regions get the fill score %.4g",
                        int((~caption_ok).sum()), int((~image_ok).sum()), fill)
     return out
+
+
+def pooled_word_scores(image_mu: Any, image_mask: Any, prototypes: Any, *, pooling: Pooling = "max-mean",
+                       vocab_block: int = DEFAULT_VOCAB_BLOCK) -> np.ndarray:
+    """The pooled word terms of eq. 10 for every image × prototype row: max (or mean) over an image's
+    real regions of μ·v — the (N, V) matrix a gallery index keeps so that re-indexing computes only new
+    images and new words (images without a real region get zeros; the fill rule handles them later).
+
+    Args:
+        image_mu: (N, R, Z); image_mask: (N, R) bool; prototypes: (V, Z).
+    """
+    mu, mask = _check_mu_mask(image_mu, image_mask)
+    if pooling not in ("max-mean", "mean"):
+        raise ScoringError(f"pooling: expected 'max-mean' or 'mean', got {pooling!r}")
+    protos = _check_prototypes(prototypes, mu.shape[2])
+    bad = _first_bad(protos)
+    if bad is not None:
+        raise ScoringError(f"prototypes: non-finite value at row {bad[0]}, column {bad[1]}")
+    bad = _first_bad(mu, mask)
+    if bad is not None:
+        raise ScoringError(f"image_mu: non-finite value at image {bad[0]}, region {bad[1]}, dimension {bad[2]}")
+    if protos.shape[0] == 0 or mu.shape[0] == 0 or mu.shape[1] == 0:
+        return np.zeros((mu.shape[0], protos.shape[0]), np.float32)
+    protos_t = torch.from_numpy(np.ascontiguousarray(protos, np.float32))
+    if pooling == "max-mean":
+        return _word_max(mu, mask, protos_t, max(1, int(vocab_block)))
+    return _word_mean(mu, mask, protos_t)
 
 
 def score_matrix_naive(image_mu: Any, image_mask: Any, caption_words: Sequence[Sequence[int]], prototypes: Any,
@@ -487,6 +525,7 @@ class GalleryResult:
         dense: (N, T) the whole matrix when ``keep_dense`` was set, else None.
         empty: counts of empty captions / regionless images (scored with ``fill``).
         fill: the fill score used (None when nothing needed it).
+        word_scores: (N, Vu) pooled word terms when ``keep_word_scores`` was set, else None.
     """
 
     image_ids: np.ndarray
@@ -497,6 +536,7 @@ class GalleryResult:
     dense: np.ndarray | None
     empty: EmptyCounts
     fill: float | None = None
+    word_scores: np.ndarray | None = None
 
     @property
     def caption_top_image_ids(self) -> np.ndarray:
@@ -519,6 +559,8 @@ class GalleryScorer:
         pooling: "max-mean" or "mean".
         keep_dense: also keep the (N, T) matrix.
         max_block_elements: bound of one product block inside a chunk (as in :func:`score_matrix`).
+        keep_word_scores: also keep the (N, Vu) pooled word terms (``GalleryResult.word_scores``), which
+            an index stores so that re-indexing computes only new images and new words.
     """
 
     caption_words: Sequence[Sequence[int]]
@@ -528,6 +570,7 @@ class GalleryScorer:
     pooling: Pooling = "max-mean"
     keep_dense: bool = False
     max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS
+    keep_word_scores: bool = False
     _scorer: _ChunkScorer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -541,6 +584,7 @@ class GalleryScorer:
         self._img_top: list[np.ndarray] = []
         self._img_val: list[np.ndarray] = []
         self._dense: list[np.ndarray] = []
+        self._word_scores: list[np.ndarray] = []
         self._image_ok: list[np.ndarray] = []
         self._lowest: float | None = None
         self._n = 0
@@ -561,14 +605,40 @@ class GalleryScorer:
         if ids.shape[0] != mu_a.shape[0]:
             raise ScoringError(f"image_ids length {ids.shape[0]} and mu shape {mu_a.shape} differ")
         n, r, _ = mu_a.shape
+        step = self._scorer.chunk_images(r, self.max_block_elements)
+        per_word = np.empty((n, self._scorer.protos_t.shape[0]), np.float32)  # (n, Vu)
+        for i0 in range(0, n, step):
+            per_word[i0:i0 + step] = self._scorer.per_word(mu_a[i0:i0 + step], mask_a[i0:i0 + step],
+                                                           offset=self._n + i0)
+        self.add_word_scores(image_ids, per_word, mask_a.any(axis=1))
+
+    def add_word_scores(self, image_ids: Any, per_word: Any, image_ok: Any) -> None:
+        """Add one chunk of images given their pooled word terms (what :meth:`add` computes from μ).
+
+        This is how an index is re-scored incrementally: stored per-word terms of unchanged images are
+        reused and only new images or new words are computed from μ.
+
+        Args:
+            image_ids: (n,) ids.
+            per_word: (n, Vu) float32, columns in the order of the used prototype rows
+                (``CaptionIndex.used``).
+            image_ok: (n,) bool, False for images without a real region.
+        """
+        pw = _as_numpy(per_word, "per_word").astype(np.float32, copy=False)
+        ok = np.asarray(_as_numpy(image_ok, "image_ok"), bool).reshape(-1)
+        ids = np.asarray(_as_numpy(image_ids, "image_ids")).reshape(-1)
+        if pw.ndim != 2 or pw.shape[0] != ids.shape[0] or ok.shape[0] != ids.shape[0]:
+            raise ScoringError(f"per_word shape {pw.shape}, image_ok {ok.shape} and image_ids {ids.shape} differ")
+        n = ids.shape[0]
         if n == 0:
             return
-        step = self._scorer.chunk_images(r, self.max_block_elements)
-        scores = np.empty((n, self._scorer.captions.num_captions), np.float32)  # (n, T)
-        for i0 in range(0, n, step):
-            scores[i0:i0 + step] = self._scorer.score(mu_a[i0:i0 + step], mask_a[i0:i0 + step],
-                                                      offset=self._n + i0)
-        image_ok = mask_a.any(axis=1)
+        bad = _first_bad(pw, ok)
+        if bad is not None:
+            raise ScoringError(f"per-word scores: non-finite value at image {self._n + bad[0]}, word {bad[1]}")
+        scores = self._scorer.aggregate(pw)  # (n, T)
+        image_ok = ok
+        if self.keep_word_scores:
+            self._word_scores.append(pw)
         real = scores[np.ix_(image_ok, self._caption_ok)]
         if real.size:
             low = float(real.min())
@@ -593,6 +663,11 @@ class GalleryScorer:
         self._image_ok.append(image_ok)
         self._n += n
 
+    @property
+    def used_words(self) -> np.ndarray:
+        """(Vu,) prototype rows the captions use, ascending: the columns of the per-word terms."""
+        return self._scorer.captions.used
+
     def result(self) -> GalleryResult:
         """The merged top-K lists (and matrix), with the fill rule applied gallery-wide."""
         image_ok = np.concatenate(self._image_ok) if self._image_ok else np.zeros(0, bool)
@@ -614,4 +689,7 @@ class GalleryScorer:
             if self.keep_dense else None,
             empty=empty,
             fill=fill,
+            word_scores=(np.concatenate(self._word_scores) if self._word_scores
+                         else np.zeros((0, self._scorer.protos_t.shape[0]), np.float32))
+            if self.keep_word_scores else None,
         )

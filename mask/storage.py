@@ -522,6 +522,44 @@ class Store:
         else:
             self.fs.pipe_file(native, bytes(data))
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create the file at ``rel`` with ``data`` only if nothing is there yet, atomically.
+
+        Locally: a complete temp file hard-linked into place (the link fails if the name exists).
+        On S3: a conditional PUT (``If-None-Match: *``), which S3 (and moto) answer with 412 when the
+        key exists. Used for leases, where two writers must never both succeed.
+
+        Returns:
+            True if this call created the file, False if it already existed.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise StorageError(f"create_exclusive({self.uri(rel)}): data must be bytes, got {type(data).__name__}")
+        native = self.path(rel)
+        if self.protocol == "file":
+            folder = os.path.dirname(native)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".{os.path.basename(native)}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, native)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        try:
+            self.fs.pipe_file(native, bytes(data), mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if "PreconditionFailed" in str(e) or "412" in str(e):
+                return False
+            raise
+
     def write_parquet(self, rel: str, table: pa.Table) -> int:
         """Write ``table`` as one Parquet file at ``rel`` (folders created; atomic like :meth:`write_bytes`).
 

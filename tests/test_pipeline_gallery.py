@@ -61,9 +61,12 @@ def test_index_is_committed_with_all_outputs(world):
     c2i = np.asarray(caps.column("image_position").to_pylist())
     dense = f["scores.npy"]
     assert dense.shape == (len(ids), caps.num_rows) == (10, 50)
-    # μ per image, in the index order
-    mu = store.read_table(rel)
+    # μ per image, in the shared μ artifact of this knowledge (read back in the index order)
+    from mask.pipeline.index import read_mu
+
+    mu = read_mu(store, f["index.json"]["mu"], ids)
     assert mu.column("image_id").to_pylist() == ids
+    assert store.manifest(f["index.json"]["mu"])["row_count"] == len(ids)
     assert all(len(x) == n * z for x, n, z in zip(mu.column("mu").to_pylist(), mu.column("num_boxes").to_pylist(),
                                                  mu.column("latent_dim").to_pylist(), strict=True))
     # metrics are recall_at_k on the dense matrix

@@ -29,6 +29,7 @@ class CaptionWords:
     vocab: list[str]
     source: list[str]  # per vocab word: knowledge / ood
     coverage: dict[str, int]
+    dropped: list[list[str]] | None = None  # per caption: its words without a vector (dropped, counted)
 
 
 def map_captions(cfg: MaskConfig, table, texts: list[str], parser=None, kv=None,
@@ -74,7 +75,8 @@ def map_captions(cfg: MaskConfig, table, texts: list[str], parser=None, kv=None,
         "no_vector": sum(1 for s in source if s == "missing"),
     }
     return CaptionWords(caption_words, np.asarray(protos)[keep], samples, [vocab[i] for i in keep],
-                        [source[i] for i in keep], coverage)
+                        [source[i] for i in keep], coverage,
+                        dropped=[[w for w in ws if w not in remap] for ws in words_per_caption])
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -42,20 +42,30 @@ import pyarrow.parquet as pq
 
 from mask import tracking
 from mask.config import MaskConfig
-from mask.metrics import KEYS, recall_at_k
+from mask.metrics import recall_at_k
+from mask.pipeline.index import (  # noqa: F401 - re-exported: the index's order, errors and files
+    DENSE_FILE,
+    GalleryError,
+    GalleryOrder,
+    build_index,
+    gallery_order,
+    has_file,
+    index_dense,
+    index_order,
+    index_root,
+    parquet_bytes,
+    read_current,
+    read_index_file,
+    recall_from_topk,
+)
 from mask.pipeline.runtime import JobContext
 from mask.storage import Store, fingerprint
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILES = ("images.parquet", "captions.parquet", "t2i_topk.parquet", "i2t_topk.parquet", "index.json",
-               "metrics.json")
-DENSE_FILE = "scores.npy"
+INDEX_FILES = ("images.parquet", "captions.parquet", "words.parquet", "t2i_topk.parquet", "i2t_topk.parquet",
+               "index.json", "metrics.json")
 METRIC_COLUMNS = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "rsum"]
-
-
-class GalleryError(ValueError):
-    """A gallery, index or knowledge that cannot be used; the message names it."""
 
 
 class BaseScoresError(ValueError):
@@ -63,58 +73,6 @@ class BaseScoresError(ValueError):
 
 
 # ---------------------------------------------------------------- gallery order and features
-
-
-@dataclass
-class GalleryOrder:
-    """The order every gallery matrix uses.
-
-    Attributes:
-        image_ids: N image ids (rows).
-        caption_ids: T caption ids (columns), grouped by image in ``image_ids`` order.
-        caption_image: T image ids of the captions.
-        texts: T caption texts.
-        caption_to_image: (T,) row of each caption's image.
-        dropped_images: gallery images left out (no features).
-    """
-
-    image_ids: list[str]
-    caption_ids: list[str]
-    caption_image: list[str]
-    texts: list[str]
-    caption_to_image: np.ndarray
-    dropped_images: int = 0
-
-
-def gallery_order(images: pa.Table, captions: pa.Table, ok_ids: set[str] | None = None,
-                  name: str = "gallery") -> GalleryOrder:
-    """Images in table order (only ``ok_ids`` when given), captions grouped by that order.
-
-    Raises:
-        GalleryError: duplicate image or caption ids, or no image left.
-    """
-    all_ids = [str(x) for x in images.column("image_id").to_pylist()]
-    _no_duplicates(all_ids, f"gallery {name}: images", "image_id")
-    image_ids = [i for i in all_ids if ok_ids is None or i in ok_ids]
-    if not image_ids:
-        raise GalleryError(f"gallery {name}: no image has region features ({len(all_ids)} images)")
-    pos = {x: i for i, x in enumerate(image_ids)}
-    cap_ids = [str(x) for x in captions.column("caption_id").to_pylist()]
-    _no_duplicates(cap_ids, f"gallery {name}: captions", "caption_id")
-    cap_img = [str(x) for x in captions.column("image_id").to_pylist()]
-    texts = captions.column("text").to_pylist()
-    order = sorted((j for j in range(len(cap_img)) if cap_img[j] in pos), key=lambda j: (pos[cap_img[j]], j))
-    return GalleryOrder(image_ids=image_ids, caption_ids=[cap_ids[j] for j in order],
-                        caption_image=[cap_img[j] for j in order], texts=[texts[j] or "" for j in order],
-                        caption_to_image=np.asarray([pos[cap_img[j]] for j in order], np.int64),
-                        dropped_images=len(all_ids) - len(image_ids))
-
-
-def _no_duplicates(ids: list[str], where: str, column: str) -> None:
-    seen: set[str] = set()
-    dup = [x for x in ids if x in seen or seen.add(x)]
-    if dup:
-        raise GalleryError(f"{where}: duplicate {column} {sorted(set(dup))[:5]} ({len(dup)} duplicates)")
 
 
 def gallery_detector(ctx: JobContext, run) -> str | None:
@@ -279,146 +237,6 @@ def index_version(cfg: MaskConfig, knowledge: ResolvedKnowledge, dataset_hash: s
     return f"i-{fingerprint(ident)[:16]}"
 
 
-@dataclass
-class Scored:
-    """What the scorer produced for one gallery."""
-
-    result: Any  # mask.scoring.GalleryResult
-    dense: np.ndarray | None
-    caption_words: list[list[str]]
-    word_source: dict[str, str]
-    coverage: dict[str, int]
-
-
-def score_inputs(cfg: MaskConfig, table, order: GalleryOrder, mu: pa.Table, keep_dense: bool) -> Scored:
-    """Caption words → prototypes → eq. 10 streamed over image chunks (GalleryScorer).
-
-    Args:
-        cfg: scoring / text / vectors / knowledge sections are used.
-        table: the knowledge table.
-        order: gallery order.
-        mu: μ rows in ``order.image_ids`` order.
-        keep_dense: keep the (N, T) matrix.
-    """
-    from mask.pipeline.evaluate import map_captions
-    from mask.pipeline.represent import padded_mu
-    from mask.scoring import GalleryScorer, normalize_rows
-
-    sc = cfg.scoring
-    cw = map_captions(cfg, table, order.texts)
-    protos = cw.prototypes
-    if sc.prototypes == "random-region":
-        if cw.samples is None:
-            raise GalleryError("scoring.prototypes=random-region: this knowledge has no sampled regions")
-        protos = cw.samples
-    if sc.normalize:
-        protos = normalize_rows(protos)
-    scorer = GalleryScorer(cw.caption_words, protos, k_images=sc.top_k, k_captions=sc.top_k, pooling=sc.pooling,
-                           keep_dense=keep_dense)
-    ids = order.image_ids
-    for i0 in range(0, len(ids), sc.image_chunk):
-        chunk = ids[i0:i0 + sc.image_chunk]
-        m, mask = padded_mu(mu.slice(i0, len(chunk)), chunk)  # (n, R, Z), (n, R)
-        scorer.add(np.asarray(chunk, object), normalize_rows(m) if sc.normalize else m, mask)
-    res = scorer.result()
-    words = [[cw.vocab[i] for i in c] for c in cw.caption_words]
-    cov = dict(cw.coverage)
-    cov.update(res.empty.as_dict())
-    return Scored(result=res, dense=res.dense, caption_words=words,
-                  word_source=dict(zip(cw.vocab, cw.source, strict=True)), coverage=cov)
-
-
-def recall_from_topk(t2i_top: np.ndarray, i2t_top: np.ndarray, caption_to_image: np.ndarray) -> dict[str, float]:
-    """R@1/5/10 from top-K lists (K ≥ 10): ranks are list positions, so ties follow the lists' order
-    (lower index first) instead of the pessimistic rule of :func:`mask.metrics.recall_at_k`.
-
-    Args:
-        t2i_top: (T, K) image rows per caption, best first.
-        i2t_top: (N, K) caption columns per image, best first.
-        caption_to_image: (T,) image row of each caption.
-    """
-    if min(t2i_top.shape[1], i2t_top.shape[1]) < 10:
-        raise GalleryError(f"R@10 from top-K lists needs K ≥ 10, the lists keep {t2i_top.shape[1]} "
-                           "(raise scoring.top_k or scoring.dense_max_pairs)")
-    big = np.iinfo(np.int64).max
-    hit = t2i_top == caption_to_image[:, None]  # (T, K)
-    t2i = np.where(hit.any(axis=1), hit.argmax(axis=1), big)
-    own = caption_to_image[i2t_top] == np.arange(i2t_top.shape[0])[:, None]  # (N, K)
-    i2t = np.where(own.any(axis=1), own.argmax(axis=1), big)
-    has_caption = np.bincount(caption_to_image, minlength=i2t_top.shape[0]) > 0
-    i2t = i2t[has_caption]
-    out = {}
-    for name, r in (("i2t", i2t), ("t2i", t2i)):
-        for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = float(100.0 * (r < k).mean()) if r.size else 0.0
-    out["rsum"] = float(sum(out[k] for k in KEYS))
-    return out
-
-
-def _parquet_bytes(t: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(t, buf)
-    return buf.getvalue()
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def read_index_file(store: Store, rel: str, name: str):
-    """A file of a committed index: Parquet → Table, .npy → array, .json → object."""
-    data = store.read_file(rel, name)
-    if name.endswith(".parquet"):
-        return pq.read_table(io.BytesIO(data))
-    if name.endswith(".npy"):
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    return json.loads(data)
-
-
-def _topk_tables(order: GalleryOrder, res) -> tuple[pa.Table, pa.Table]:
-    img = np.asarray(order.image_ids, object)
-    cap = np.asarray(order.caption_ids, object)
-    t2i = pa.table({"query_id": pa.array(order.caption_ids, pa.string()),
-                    "ids": pa.array([list(img[r]) for r in res.caption_top_images], pa.list_(pa.string())),
-                    "scores": pa.array([r.astype(np.float32) for r in res.caption_top_scores],
-                                       pa.list_(pa.float32()))})
-    i2t = pa.table({"query_id": pa.array(order.image_ids, pa.string()),
-                    "ids": pa.array([list(cap[r]) for r in res.image_top_captions], pa.list_(pa.string())),
-                    "scores": pa.array([r.astype(np.float32) for r in res.image_top_scores],
-                                       pa.list_(pa.float32()))})
-    return t2i, i2t
-
-
-def write_index(store: Store, rel: str, version: str, order: GalleryOrder, mu: pa.Table, scored: Scored,
-                info: dict[str, Any], metrics: dict[str, Any], write_dense: bool, run_id: str | None,
-                part_rows: int = 1024) -> dict[str, Any]:
-    """Commit an index (μ parts + order, top-K, dense matrix, info, metrics files; manifest last)."""
-    t2i, i2t = _topk_tables(order, scored.result)
-    images = pa.table({"position": pa.array(np.arange(len(order.image_ids)), pa.int64()),
-                       "image_id": pa.array(order.image_ids, pa.string())})
-    captions = pa.table({"position": pa.array(np.arange(len(order.caption_ids)), pa.int64()),
-                         "caption_id": pa.array(order.caption_ids, pa.string()),
-                         "image_id": pa.array(order.caption_image, pa.string()),
-                         "image_position": pa.array(order.caption_to_image, pa.int64()),
-                         "text": pa.array(order.texts, pa.string()),
-                         "words": pa.array(scored.caption_words, pa.list_(pa.string()))})
-    with store.open_artifact(rel, kind="index", config_hash=version, inputs=info.get("inputs", {})) as w:
-        for i0 in range(0, max(mu.num_rows, 1), part_rows):
-            w.write_part(mu.slice(i0, part_rows), name=f"mu-{i0 // part_rows:05d}")
-        w.write_file("images.parquet", _parquet_bytes(images))
-        w.write_file("captions.parquet", _parquet_bytes(captions))
-        w.write_file("t2i_topk.parquet", _parquet_bytes(t2i))
-        w.write_file("i2t_topk.parquet", _parquet_bytes(i2t))
-        if write_dense and scored.dense is not None:
-            w.write_file(DENSE_FILE, _npy_bytes(scored.dense))
-        w.write_file("index.json", json.dumps(info, indent=2, sort_keys=True, default=str).encode())
-        w.write_file("metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
-        return w.commit(mlflow_run_id=run_id, extra={"images": len(order.image_ids),
-                                                     "captions": len(order.caption_ids)})
-
-
 def markdown_table(rows: dict[str, dict[str, float]], first: str = "method") -> str:
     """Paper-style Markdown (Tables 1/2: image retrieval IR = text→image, annotation IA = image→text);
     a metric a row lacks prints as "–"."""
@@ -471,58 +289,34 @@ def score_gallery(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str
         summary: dict[str, Any] = {"knowledge": {"uri": knowledge.uri, "version": knowledge.version},
                                    "index": {"uri": store.uri(rel), "version": version}}
         manifest = store.committed(rel, version)
-        scored = order = None
+        dense = None
         if manifest is not None:
             logger.info("index %s is committed; reused", store.uri(rel))
             metrics = read_index_file(store, rel, "metrics.json")
             summary["index"]["reused"] = True
         else:
+            t_dataset = time.perf_counter() - t0
             det = gallery_detector(ctx, run)
-            g = gallery_inputs(ctx, run, knowledge.pae_bytes, det)
-            timings = {"dataset": time.perf_counter() - t0, **{k: v for k, v in g.timings.items() if k != "dataset"}}
-            order = g.order
-            n, t = len(order.image_ids), len(order.caption_ids)
-            write_dense = n * t <= cfg.scoring.dense_max_pairs
-            t0 = time.perf_counter()
-            scored = score_inputs(cfg, knowledge.table, order, g.mu, keep_dense=write_dense or bool(cfg.rerank.base_scores))
-            timings["scoring"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if write_dense:
-                mask_metrics, source = recall_at_k(scored.dense, caption_to_image=order.caption_to_image), "dense"
-            else:
-                res = scored.result
-                mask_metrics = recall_from_topk(res.caption_top_images, res.image_top_captions,
-                                                order.caption_to_image)
-                source = "topk"
-            timings["metrics"] = time.perf_counter() - t0
-            metrics = {"index_version": version, "mask": mask_metrics, "metrics_source": source,
-                       "coverage": scored.coverage, "images": n, "captions": t,
-                       "dropped_images": order.dropped_images, "dense": write_dense,
-                       "fill_score": scored.result.fill, "timings": timings}
-            info = {"version": version, "gallery": cfg.gallery.name, "dataset_hash": dataset_hash,
-                    "knowledge_uri": knowledge.uri, "knowledge_version": knowledge.version,
-                    "features": g.features.get("features_uri"), "scoring": cfg.scoring.model_dump(mode="json"),
-                    "text": cfg.text.model_dump(mode="json"), "vectors": cfg.vectors.model_dump(mode="json"),
-                    "ood_method": cfg.knowledge.ood_method, "m": cfg.knowledge.m,
-                    "word_source": scored.word_source,
-                    "inputs": {"knowledge": knowledge.uri, "gallery_dataset": dataset_hash}}
-            t0 = time.perf_counter()
-            write_index(store, rel, version, order, g.mu, scored, info, metrics, write_dense, run.run_id,
-                        part_rows=cfg.scoring.image_chunk)
-            timings["write"] = time.perf_counter() - t0
+            built = build_index(ctx, run, knowledge, gal, version, det, live=None,
+                                keep_dense=bool(cfg.rerank.base_scores))
+            metrics, dense = built.metrics, built.dense
+            metrics["timings"] = {"dataset": t_dataset, **metrics["timings"]}
             summary["index"]["reused"] = False
-            summary["features"] = g.features
+            summary["features"] = built.features
         summary["metrics"] = metrics["mask"]
         summary["coverage"] = metrics["coverage"]
         summary["timings"] = metrics["timings"]
         rows = {"MASK": metrics["mask"]}
         if cfg.rerank.base_scores:
-            rr = rerank_index(cfg, store, rel, scored, run)
+            rr = rerank_index(cfg, store, rel, dense, run)
             summary["rerank"] = rr
             rows = {"MASK": metrics["mask"], **rr["rows"]}
         run.log_metrics({f"mask.{k}": v for k, v in metrics["mask"].items()})
         run.log_metrics({f"coverage.{k}": float(v) for k, v in metrics["coverage"].items()})
         run.log_metrics({f"time.{k}": float(v) for k, v in metrics["timings"].items()})
+        if "reuse" in metrics:
+            run.log_metrics({f"index.{k}": float(v) for k, v in metrics["reuse"].items()
+                             if isinstance(v, int | float) and not isinstance(v, bool)})
         run.log_metrics({"time.total": time.perf_counter() - t_all, "index.reused": float(summary["index"]["reused"])})
         summary["table"] = markdown_table(rows)
         run.log_text(summary["table"], "evaluation.md")
@@ -699,11 +493,10 @@ def _reranked_lists(order: GalleryOrder, base: np.ndarray, mask: np.ndarray, k: 
                                              pa.list_(pa.float32()))})
 
 
-def rerank_index(cfg: MaskConfig, store: Store, rel: str, scored: Scored | None, run) -> dict[str, Any]:
+def rerank_index(cfg: MaskConfig, store: Store, rel: str, dense: np.ndarray | None, run) -> dict[str, Any]:
     """Eq. 15 against ``rerank.base_scores`` for a committed index; commits ``<index>/rerank/<hash>/``.
 
-    MASK scores come from this run's scorer, else the index's ``scores.npy``, else are recomputed from
-    the index's μ and caption words.
+    MASK scores come from this run's dense matrix, else from the index (:func:`mask.pipeline.index.index_dense`).
 
     Returns:
         ``{"uri", "reused", "before", "after", "rows" (Table 2 layout), "directions", "missing"}``.
@@ -723,15 +516,9 @@ def rerank_index(cfg: MaskConfig, store: Store, rel: str, scored: Scored | None,
         out = read_index_file(store, rrel, "metrics.json")
         out.update(uri=store.uri(rrel), reused=True)
     else:
-        images = read_index_file(store, rel, "images.parquet")
-        captions = read_index_file(store, rel, "captions.parquet")
-        order = GalleryOrder(image_ids=images.column("image_id").to_pylist(),
-                             caption_ids=captions.column("caption_id").to_pylist(),
-                             caption_image=captions.column("image_id").to_pylist(),
-                             texts=captions.column("text").to_pylist(),
-                             caption_to_image=np.asarray(captions.column("image_position").to_pylist(), np.int64))
+        order = index_order(store, rel)
         base = load_base_scores(path, order.image_ids, order.caption_ids, raw=raw)
-        mask = mask_matrix(cfg, store, rel, scored)
+        mask = dense if dense is not None else index_dense(cfg, store, rel)
         rr = rerank_both(base.matrix, mask, rc.k, rc.alpha)
         c2i = order.caption_to_image
         before = recall_at_k(base.matrix, caption_to_image=c2i)
@@ -745,7 +532,7 @@ def rerank_index(cfg: MaskConfig, store: Store, rel: str, scored: Scored | None,
         with store.open_artifact(rrel, kind="rerank", config_hash=rhash, inputs={"base_scores": base_fp}) as w:
             for d in base.directions:
                 w.write_file(f"{d}_reranked.parquet",
-                             _parquet_bytes(_reranked_lists(order, base.matrix, mask, rc.k, rc.alpha, d)))
+                             parquet_bytes(_reranked_lists(order, base.matrix, mask, rc.k, rc.alpha, d)))
             w.write_file("metrics.json", json.dumps(out, indent=2, sort_keys=True).encode())
             w.commit(mlflow_run_id=run.run_id)
         out.update(uri=store.uri(rrel), reused=False)
@@ -756,25 +543,6 @@ def rerank_index(cfg: MaskConfig, store: Store, rel: str, scored: Scored | None,
     return out
 
 
-def mask_matrix(cfg: MaskConfig, store: Store, rel: str, scored: Scored | None) -> np.ndarray:
-    """The MASK (N, T) matrix of an index: this run's, the stored ``scores.npy``, or recomputed."""
-    if scored is not None and scored.dense is not None:
-        return scored.dense
-    m = store.manifest(rel) or {}
-    if any(f["name"] == DENSE_FILE for f in m.get("files") or []):
-        return read_index_file(store, rel, DENSE_FILE)
-    info = read_index_file(store, rel, "index.json")
-    knowledge = resolve_and_load_knowledge(cfg, store, info["knowledge_uri"])
-    images = read_index_file(store, rel, "images.parquet")
-    captions = read_index_file(store, rel, "captions.parquet")
-    order = GalleryOrder(image_ids=images.column("image_id").to_pylist(),
-                         caption_ids=captions.column("caption_id").to_pylist(),
-                         caption_image=captions.column("image_id").to_pylist(),
-                         texts=captions.column("text").to_pylist(),
-                         caption_to_image=np.asarray(captions.column("image_position").to_pylist(), np.int64))
-    return score_inputs(cfg, knowledge.table, order, store.read_table(rel), keep_dense=True).dense
-
-
 # ---------------------------------------------------------------- evaluation of a committed index
 
 PROTOCOLS = ("all", "flickr30k-1k", "coco-5k", "coco-5fold-1k")
@@ -783,7 +551,7 @@ PROTOCOLS = ("all", "flickr30k-1k", "coco-5k", "coco-5fold-1k")
 def find_index(cfg: MaskConfig, store: Store, ref: str | None) -> str:
     """An index reference (path under the root, or absolute/URI under it) → its relative path.
 
-    None: the newest committed version under ``indexes/<gallery>/``.
+    None: the live version (``indexes/<gallery>/CURRENT``), else the newest committed version.
 
     Raises:
         GalleryError: nothing committed there (named).
@@ -791,9 +559,14 @@ def find_index(cfg: MaskConfig, store: Store, ref: str | None) -> str:
     if ref is None:
         if cfg.gallery is None:
             raise GalleryError("no --index given and the config names no gallery")
-        base = f"indexes/{cfg.gallery.name}"
+        base = index_root(cfg.gallery.name)
+        cur = read_current(store, cfg.gallery.name)
+        if cur is not None:
+            if store.manifest(f"{base}/{cur['version']}") is None:
+                raise GalleryError(f"{store.uri(base, 'CURRENT')} points at {cur['version']}, which is not committed")
+            return f"{base}/{cur['version']}"
         found = [(m.get("created_at", ""), f"{base}/{v}") for v in store.list(base)
-                 if (m := store.manifest(f"{base}/{v}")) is not None]
+                 if not v.startswith("_") and v != "CURRENT" and (m := store.manifest(f"{base}/{v}")) is not None]
         if not found:
             raise GalleryError(f"no committed index under {store.uri(base)}; run jobs/score_gallery.py first")
         return max(found)[1]
@@ -861,9 +634,8 @@ def evaluate_job(cfg: MaskConfig, index_ref: str | None = None, scores_path: str
                                 captions.column("caption_id").to_pylist(), cfg.storage.options)
         rows[os.path.basename(scores_path)] = protocol_metrics(base.matrix, c2i, protocol)
     else:
-        m = store.manifest(rel) or {}
-        if any(f["name"] == DENSE_FILE for f in m.get("files") or []):
-            rows["MASK"] = protocol_metrics(read_index_file(store, rel, DENSE_FILE), c2i, protocol)
+        if has_file(store, rel, DENSE_FILE) or has_file(store, rel, "word_scores.npy"):
+            rows["MASK"] = protocol_metrics(index_dense(cfg, store, rel), c2i, protocol)
         elif protocol == "all":
             t2i = read_index_file(store, rel, "t2i_topk.parquet")
             i2t = read_index_file(store, rel, "i2t_topk.parquet")

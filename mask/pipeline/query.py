@@ -92,12 +92,14 @@ class QueryEngine:
     def from_index(cls, cfg: MaskConfig, store: Store, rel: str, **kw) -> QueryEngine:
         """Load a committed index (``indexes/<gallery>/<version>``) and its knowledge."""
         from mask.pipeline.gallery import read_index_file, resolve_and_load_knowledge
+        from mask.pipeline.index import read_mu
 
         info = read_index_file(store, rel, "index.json")
         knowledge = resolve_and_load_knowledge(cfg, store, info["knowledge_uri"])
         images = read_index_file(store, rel, "images.parquet")
         captions = read_index_file(store, rel, "captions.parquet")
-        return cls(cfg, knowledge.table, store.read_table(rel), images.column("image_id").to_pylist(),
+        ids = images.column("image_id").to_pylist()
+        return cls(cfg, knowledge.table, read_mu(store, info["mu"], ids), ids,
                    captions.column("caption_id").to_pylist(), captions.column("text").to_pylist(),
                    captions.column("words").to_pylist(), **kw)
 

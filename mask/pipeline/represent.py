@@ -25,7 +25,8 @@ class MuStage:
     """Feature rows → μ per region with the PAE (batched, GPU when the actor has one)."""
 
     def __init__(self, pae_bytes: bytes, word_index: dict[str, int] | None = None,
-                 region_words: dict[str, list[str]] | None = None, mode: str = "images", seed: int = 0):
+                 region_words: dict[str, list[str]] | None = None, mode: str = "images", seed: int = 0,
+                 keep_ids: list[str] | None = None):
         from mask.models import load_pae
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,6 +35,7 @@ class MuStage:
         self.word_index = word_index or {}
         self.region_words = region_words or {}
         self.seed = seed
+        self.keep = set(keep_ids) if keep_ids is not None else None  # images mode: only these image ids
 
     @torch.no_grad()
     def _mu(self, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +53,12 @@ class MuStage:
         return mu.float().cpu().numpy(), mask  # (B, R, Z), (B, R)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.keep is not None:
+            sel = np.asarray([str(x) in self.keep for x in batch["image_id"]], bool)
+            batch = {k: np.asarray(v)[sel] for k, v in batch.items()}
+            if not sel.any():
+                return {"image_id": np.zeros(0, object), "mu": np.zeros(0, object),
+                        "num_boxes": np.zeros(0, np.int64), "latent_dim": np.zeros(0, np.int64)}
         mu, mask = self._mu(batch)
         if self.mode == "images":
             out_mu = np.empty(len(mu), dtype=object)
@@ -119,12 +127,18 @@ def knowledge_pass(features_ds, pae_bytes: bytes, word_index: dict[str, int],
 
 
 def image_representations(features_ds, pae_bytes: bytes, concurrency: int = 1, num_gpus: float = 0,
-                          batch_size: int = 64) -> pa.Table:
-    """μ per image (``image_id, mu (list<float32> n×Z), num_boxes, latent_dim``)."""
-    ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes,), batch_size=batch_size,
+                          batch_size: int = 64, keep_ids: list[str] | None = None) -> pa.Table:
+    """μ per image (``image_id, mu (list<float32> n×Z), num_boxes, latent_dim``); only ``keep_ids`` when given."""
+    ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, None, None, "images", 0, keep_ids),
+                                 batch_size=batch_size,
                                  concurrency=concurrency, num_gpus=num_gpus, batch_format="numpy")
-    rows = {"image_id": [], "mu": [], "num_boxes": [], "latent_dim": []}
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    return mu_table(ds.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def mu_table(batches) -> pa.Table:
+    """:class:`MuStage` output batches (images mode) → one ``image_id, mu, num_boxes, latent_dim`` table."""
+    rows: dict[str, list] = {"image_id": [], "mu": [], "num_boxes": [], "latent_dim": []}
+    for b in batches:
         rows["image_id"].extend(str(x) for x in b["image_id"])
         rows["mu"].extend(np.asarray(m, np.float32) for m in b["mu"])
         rows["num_boxes"].extend(int(x) for x in b["num_boxes"])

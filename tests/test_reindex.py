@@ -1,0 +1,236 @@
+"""Scheduled re-indexing: incremental work, equality with a full build, CURRENT, lease, crashes.
+
+One tiny knowledge is built for the module (the main job on a slice of the demo world); the gallery
+grows and shrinks through ``gallery.limit`` (which changes the gallery dataset, as new files would).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SMALL = ["dataset.limit=48", "train.epochs=2", "train.checkpoint_every=1", "detector.batch_size=6",
+         "detector.rpn_post_nms_topk=40", "scoring.top_k=20"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_local):
+    from jobs import build_knowledge
+
+    root = tmp_path_factory.mktemp("reindex")
+    args = [f"storage.root={root}", *SMALL, "gallery.limit=10"]
+    built = build_knowledge.main(args)
+    return {"root": root, "built": built}
+
+
+def _args(world, limit, *more):
+    return [f"storage.root={world['root']}", *SMALL, f"gallery.limit={limit}", *more]
+
+
+def _store(world):
+    from mask.storage import Store
+
+    return Store(str(world["root"]))
+
+
+def _current(world):
+    from mask.pipeline.index import read_current
+
+    return read_current(_store(world), "demo_gallery")
+
+
+def _files(world, version):
+    from mask.pipeline.index import read_index_file
+
+    rel = f"indexes/demo_gallery/{version}"
+    return {n: read_index_file(_store(world), rel, n) for n in
+            ("scores.npy", "word_scores.npy", "t2i_topk.parquet", "i2t_topk.parquet", "images.parquet",
+             "captions.parquet", "words.parquet", "metrics.json")}
+
+
+def _scratch(world, limit, version="i-scratch"):
+    """A from-scratch build of the same gallery (no live index reused), for comparison."""
+    from mask.config import load_config
+    from mask.pipeline.build import ensure_dataset
+    from mask.pipeline.gallery import resolve_and_load_knowledge
+    from mask.pipeline.index import build_index
+    from mask.pipeline.runtime import JobContext
+    from mask.tracking import NullRun
+
+    cfg = load_config("demo", _args(world, limit))
+    ctx = JobContext.from_config(cfg)
+    k = resolve_and_load_knowledge(cfg, ctx.store, None)
+    gal = ensure_dataset(ctx, cfg.gallery, None)
+    return build_index(ctx, NullRun(), k, gal, version, None, live=None)
+
+
+def test_first_run_builds_and_switches_current_then_is_up_to_date(world):
+    from jobs import reindex
+
+    first = reindex.main(_args(world, 10))
+    assert first["status"] == "built" and first["previous"] is None
+    assert first["reuse"]["reused_from"] is None and first["reuse"]["mu_computed"] == 10
+    cur = _current(world)
+    assert cur["version"] == first["version"] and cur["previous"] is None
+    assert cur["mlflow_run_id"] == first["mlflow"]["run_id"]
+    again = reindex.main(_args(world, 10))
+    assert again["status"] == "up-to-date" and again["version"] == first["version"]
+    assert again["metrics"] == first["metrics"]
+    world["v10"] = first["version"]
+
+
+def test_new_images_computed_incrementally_equal_a_full_build(world):
+    import mlflow
+
+    from jobs import reindex
+
+    before = _current(world)["version"]
+    out = reindex.main(_args(world, 12))
+    r = out["reuse"]
+    assert out["status"] == "built" and out["previous"] == before and r["reused_from"].endswith(before)
+    assert r["score_reuse"] is True
+    assert (r["images_new"], r["images_removed"], r["mu_computed"], r["word_score_rows_computed"]) == (2, 0, 2, 2)
+    assert r["captions_parsed"] == 10 and r["features_extracted"] == 2 and r["mu_where"] == "driver"
+    assert r["word_score_cells_reused"] >= 10 * (r["words"] - r["words_new"])
+    assert _current(world)["version"] == out["version"] and _current(world)["previous"] == before
+    world["v12"] = out["version"]
+    inc = _files(world, out["version"])
+    full = _scratch(world, 12)
+    ref = _files(world, full.version)
+    np.testing.assert_allclose(inc["scores.npy"], ref["scores.npy"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(inc["word_scores.npy"], ref["word_scores.npy"], rtol=1e-5, atol=1e-6)
+    assert inc["words.parquet"].column("word").to_pylist() == ref["words.parquet"].column("word").to_pylist()
+    assert inc["captions.parquet"].column("words").to_pylist() == ref["captions.parquet"].column("words").to_pylist()
+    assert inc["metrics.json"]["mask"] == pytest.approx(ref["metrics.json"]["mask"])
+    assert inc["metrics.json"]["coverage"] == ref["metrics.json"]["coverage"]
+    for name in ("t2i_topk.parquet", "i2t_topk.parquet"):
+        np.testing.assert_allclose(np.asarray(inc[name].column("scores").to_pylist()),
+                                   np.asarray(ref[name].column("scores").to_pylist()), rtol=1e-5, atol=1e-6)
+    # tracked: what was reused and computed
+    run = mlflow.MlflowClient(tracking_uri=out["mlflow"]["tracking_uri"]).get_run(out["mlflow"]["run_id"])
+    assert run.data.tags["job"] == "reindex" and run.data.tags["reindex.status"] == "built"
+    assert run.data.metrics["reuse.images_new"] == 2 and "mask.rsum" in run.data.metrics
+    assert run.data.params["index.previous"] == before
+
+
+def test_removed_images_compute_nothing(world):
+    from jobs import reindex
+
+    prev = _current(world)["version"]
+    prev_files = _files(world, prev)
+    out = reindex.main(_args(world, 11))
+    r = out["reuse"]
+    assert out["status"] == "built" and r["images_removed"] == 1 and r["images_new"] == 0
+    assert r["mu_computed"] == 0 and r["word_score_cells_computed"] == 0 and r["captions_parsed"] == 0
+    got = _files(world, out["version"])
+    ids = got["images.parquet"].column("image_id").to_pylist()
+    old_ids = prev_files["images.parquet"].column("image_id").to_pylist()
+    caps = got["captions.parquet"].column("caption_id").to_pylist()
+    old_caps = prev_files["captions.parquet"].column("caption_id").to_pylist()
+    rows = [old_ids.index(x) for x in ids]
+    cols = [old_caps.index(c) for c in caps]
+    np.testing.assert_allclose(got["scores.npy"], prev_files["scores.npy"][np.ix_(rows, cols)], rtol=1e-6)
+
+
+def test_query_and_evaluate_use_the_live_index(world):
+    from mask.config import load_config
+    from mask.pipeline.gallery import evaluate_job
+    from mask.pipeline.query import query_job
+
+    cfg = load_config("demo", _args(world, 11))
+    live = _current(world)["version"]
+    q = query_job(cfg, None, ["a red ball"], [], top=3)
+    assert q["index"].endswith(live) and len(q["text"][0]["results"]) == 3
+    ev = evaluate_job(cfg, None)
+    assert ev["index"].endswith(live) and ev["metrics"]["MASK"]["rsum"] > 0
+
+
+def test_second_run_while_the_lease_is_held_exits_cleanly(world, capsys):
+    from jobs import reindex
+    from mask.lease import Lease
+
+    live = _current(world)["version"]
+    holder = Lease(_store(world), "indexes/demo_gallery/_lease", ttl_s=120, owner="other-run", heartbeat=False)
+    holder.acquire()
+    try:
+        out = reindex.main(_args(world, 12))
+    finally:
+        holder.release()
+    assert out["status"] == "busy" and "held by other-run" in out["reason"]
+    assert "re-index skipped" in capsys.readouterr().out
+    assert _current(world)["version"] == live
+
+
+def test_committed_version_that_is_not_live_is_only_switched(world):
+    """Like a run that died after committing its version but before the switch: the next run only switches."""
+    from jobs import reindex
+
+    v12 = world["v12"]
+    assert _current(world)["version"] != v12 and _store(world).manifest(f"indexes/demo_gallery/{v12}")
+    out = reindex.main(_args(world, 12))
+    assert out["status"] == "switched" and out["version"] == v12
+    assert _current(world)["version"] == v12
+
+
+def test_new_knowledge_rescores_but_reuses_features(world):
+    from jobs import build_knowledge, reindex
+
+    k2 = build_knowledge.main(_args(world, 12, "train.epochs=3"))
+    assert k2["knowledge"]["uri"] != world["built"]["knowledge"]["uri"]
+    out = reindex.main([*_args(world, 12), "--knowledge", k2["knowledge"]["uri"]])
+    r = out["reuse"]
+    assert out["status"] == "built" and out["knowledge"] == k2["knowledge"]["uri"]
+    assert r["score_reuse"] is False and r["features_extracted"] == 0 and r["mu_computed"] == 12
+    assert r["word_score_rows_computed"] == 12
+
+
+def test_driver_killed_mid_run_leaves_the_live_index_and_the_rerun_completes(world):
+    from mask.pipeline.index import read_index_file
+
+    live = _current(world)
+    live_metrics = read_index_file(_store(world), f"indexes/demo_gallery/{live['version']}", "metrics.json")
+    env = {**os.environ, "MASK_FAULT_INJECT": "kill:index.after_mu"}
+    env.pop("RAY_ADDRESS", None)
+    args = _args(world, 14, "index.lease_ttl_s=4")
+    knowledge = ["--knowledge", live["knowledge_uri"]]
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "reindex.py"), *knowledge, *args], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert "fault injection: killing process" in proc.stderr
+    assert _current(world) == live  # untouched
+    assert read_index_file(_store(world), f"indexes/demo_gallery/{live['version']}", "metrics.json") == live_metrics
+    from jobs import reindex
+
+    busy = reindex.main([*knowledge, *args])  # the dead run's lease has not expired yet
+    assert busy["status"] == "busy"
+    time.sleep(4.5)
+    out = reindex.main([*knowledge, *args])
+    assert out["status"] == "built" and out["previous"] == live["version"]
+    assert out["reuse"]["mu_computed"] == 0  # the killed run committed μ for the new images
+    assert out["reuse"]["images_new"] == 2
+    assert _current(world)["version"] == out["version"]
+
+
+def test_bad_inputs(world, tmp_path):
+    from jobs import reindex
+    from mask.knowledge import KnowledgeError
+
+    with pytest.raises(KnowledgeError, match="does not exist|no committed"):
+        reindex.main([*_args(world, 12), "--knowledge", str(tmp_path / "nope")])
+    store = _store(world)
+    good = store.read_bytes("indexes/demo_gallery/CURRENT")
+    store.write_bytes("indexes/demo_gallery/CURRENT", b'{"version": "../../escape"}')
+    try:
+        with pytest.raises(Exception, match=r"\.\."):
+            reindex.main(_args(world, 12))
+    finally:
+        store.write_bytes("indexes/demo_gallery/CURRENT", good)
