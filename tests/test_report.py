@@ -418,3 +418,18 @@ def test_out_folder_replaced_only_when_it_holds_a_report(store, tmp_path, capsys
         s = job.main(["--out", str(out), "--no-mlflow-run", "--runs", store.m10_run, f"storage.root={store.root}"])
     assert s["mlflow_run_id"] is None and (out / "report.md").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "rep"]  # no temporary folders left
+
+
+def test_runs_from_before_a_config_section_was_added_still_compare():
+    from mask.report.runs import RunRecord, dedupe, param_differences
+
+    def rec(rid, t, params, n_metrics):
+        return RunRecord(run_id=rid, name="b", job="build_knowledge", status="FINISHED", start_time=t,
+                         experiment_id="1", params=params, metrics={f"x{i}": 1.0 for i in range(n_metrics)}, tags={})
+
+    old = rec("old", 1, {"loss.lambda_cm": "3", "knowledge.m": "3"}, 10)  # logged before index.* existed
+    new = rec("new", 2, {"loss.lambda_cm": "3", "knowledge.m": "3", "index.ttl": "600"}, 4)
+    other = rec("oth", 3, {"loss.lambda_cm": "0", "knowledge.m": "3", "index.ttl": "600"}, 4)
+    assert param_differences(old, new) == [] and param_differences(old, other) == ["loss.lambda_cm"]
+    kept, dropped = dedupe([other, new, old])
+    assert [r.run_id for r in kept] == ["oth", "old"] and dropped == 1  # the one with more metrics stays

@@ -35,7 +35,6 @@ from mask.report import plots
 from mask.report.runs import (
     ReportError,
     RunRecord,
-    comparable_params,
     dedupe,
     load_history,
     param_differences,
@@ -205,14 +204,18 @@ def lambda_section(points: list[RunRecord], out: str) -> Section:
 
 
 def _groups_varying(runs: list[RunRecord], key: str, value) -> list[list[RunRecord]]:
-    """Groups of runs equal in every comparable param but ``key``, with ≥ 2 distinct values of it."""
-    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
+    """Groups of runs equal in every comparable param but ``key`` (see
+    :func:`~mask.report.runs.param_differences`), with ≥ 2 distinct values of it; largest first."""
+    groups: list[list[RunRecord]] = []
     for r in runs:
         if value(r) is None:
             continue
-        rest = tuple(sorted((k, v) for k, v in comparable_params(r).items() if k != key))
-        groups[rest].append(r)
-    out = [g for g in groups.values() if len({value(r) for r in g}) >= 2]
+        g = next((g for g in groups if not param_differences(g[0], r, [key])), None)
+        if g is None:
+            groups.append([r])
+        else:
+            g.append(r)
+    out = [g for g in groups if len({value(r) for r in g}) >= 2]
     return sorted(out, key=len, reverse=True)
 
 
@@ -475,6 +478,7 @@ def write_report(client, runs: list[RunRecord], out_dir: str, *, sources: dict[s
     if not finished:
         raise ReportError(f"no finished runs to report on in {json.dumps(sources)} "
                           f"({len(skipped)} unfinished)")
+    everything = finished  # duplicates included: a rerun that reused the training has no curves of its own
     finished, dups = dedupe(finished)
     builds = [r for r in finished if r.job == "build_knowledge" and r.recall("mask")]
     trials = [r for r in finished if r.job == "tune-trial"]
@@ -496,9 +500,9 @@ def write_report(client, runs: list[RunRecord], out_dir: str, *, sources: dict[s
             lambda_section(builds + trials, tmp),
             m_section(trials, builds, tmp),
             alpha_section(trials, galleries, tmp),
-            curves_section(client, finished, tmp),
+            curves_section(client, everything, tmp),
             gap_section(finished),
-            tsne_section(client, finished, tmp, storage_options or {}, groups, tsne_run, seed),
+            tsne_section(client, everything, tmp, storage_options or {}, groups, tsne_run, seed),
         ]
         md = ["# MASK experiment report", "",
               f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from {len(finished)} runs. "

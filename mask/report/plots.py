@@ -34,7 +34,7 @@ def _save(fig, path: str) -> str:
 def heatmap(row_values: Sequence[float], col_values: Sequence[float], grid: np.ndarray, path: str, *,
             row_label: str, col_label: str, title: str) -> str:
     """A value grid (NaN = no run) with each cell annotated."""
-    fig = _figure(1.2 + 0.9 * len(col_values), 1.2 + 0.7 * len(row_values))
+    fig = _figure(max(4.5, 1.8 + 0.9 * len(col_values)), max(3.5, 1.4 + 0.7 * len(row_values)))
     ax = fig.add_subplot(1, 1, 1)
     masked = np.ma.masked_invalid(grid)
     im = ax.imshow(masked, cmap="viridis", aspect="auto", origin="lower")

@@ -118,10 +118,14 @@ def comparable_params(run: RunRecord) -> dict[str, str]:
 
 
 def param_differences(a: RunRecord, b: RunRecord, ignore: Iterable[str] = ()) -> list[str]:
-    """Keys whose values differ between two runs' comparable params (missing on one side counts)."""
+    """Keys whose values differ between two runs' comparable params.
+
+    Only keys both runs logged count: a key one run lacks is a config option its code did not have yet
+    (runs logged before a config section was added stay comparable with later ones).
+    """
     pa_, pb = comparable_params(a), comparable_params(b)
     skip = set(ignore)
-    return sorted(k for k in set(pa_) | set(pb) if k not in skip and pa_.get(k) != pb.get(k))
+    return sorted(k for k in set(pa_) & set(pb) if k not in skip and pa_[k] != pb[k])
 
 
 # ---------------------------------------------------------------- reading MLflow
@@ -219,17 +223,18 @@ def dedupe(runs: list[RunRecord]) -> tuple[list[RunRecord], int]:
     Returns:
         (kept runs, newest first; number dropped as duplicates).
     """
-    best: dict[Any, RunRecord] = {}
     kept: list[RunRecord] = []
+    chosen: list[RunRecord] = []  # one per set of identical runs
     for r in runs:
         if r.job not in ("build_knowledge", "train", "score_gallery"):
             kept.append(r)
             continue
-        key = (r.job, tuple(sorted(comparable_params(r).items())))
-        cur = best.get(key)
-        if cur is None or (len(r.metrics), r.start_time) > (len(cur.metrics), cur.start_time):
-            best[key] = r
-    kept += best.values()
+        i = next((i for i, c in enumerate(chosen) if c.job == r.job and not param_differences(c, r)), None)
+        if i is None:
+            chosen.append(r)
+        elif (len(r.metrics), r.start_time) > (len(chosen[i].metrics), chosen[i].start_time):
+            chosen[i] = r
+    kept += chosen
     kept.sort(key=lambda r: -r.start_time)
     return kept, len(runs) - len(kept)
 
