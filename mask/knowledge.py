@@ -346,22 +346,19 @@ class KnowledgeTable:
 
     def to_arrow(self) -> pa.Table:
         """Columns word, count, word_vector, prototype, source, sample (fixed-size lists of float32;
-        ``sample`` is all-null when there are no samples). Round-trips exactly through :meth:`from_arrow`."""
-        k = len(self.words)
+        ``sample`` is left out when there are no samples). Round-trips exactly through :meth:`from_arrow`."""
 
         def fsl(a: np.ndarray) -> pa.FixedSizeListArray:
             return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), a.shape[1])
 
+        cols = {"word": pa.array(self.words, pa.string()), "count": pa.array(self.counts, pa.int64()),
+                "word_vector": fsl(self.word_vectors), "prototype": fsl(self.prototypes),
+                "source": pa.array(self.source, pa.string())}
         if self.samples is not None:
-            sample = fsl(self.samples)
-        else:
-            sample = pa.nulls(k, pa.list_(pa.float32(), self.latent_dim))
-        return pa.table({"word": pa.array(self.words, pa.string()),
-                         "count": pa.array(self.counts, pa.int64()),
-                         "word_vector": fsl(self.word_vectors),
-                         "prototype": fsl(self.prototypes),
-                         "source": pa.array(self.source, pa.string()),
-                         "sample": sample})
+            cols["sample"] = fsl(self.samples)
+        # no samples: no column (an all-null fixed-size-list column does not survive a Parquet
+        # round trip in pyarrow 25: "Expected all lists to be of size=Z")
+        return pa.table(cols)
 
     @classmethod
     def from_arrow(cls, table: pa.Table) -> KnowledgeTable:
