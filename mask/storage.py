@@ -57,6 +57,12 @@ PARTS_DIR = "parts"
 #: Folder of the extra files inside an artifact folder.
 FILES_DIR = "files"
 
+#: Attempts per S3 request, the first included, for both clients: botocore's "standard" retry mode (s3fs) and
+#: pyarrow's ``AwsStandardS3RetryStrategy``, both with exponential backoff and jitter.  The clients' defaults
+#: (botocore legacy 5, pyarrow 3) give up on a burst of three 503 SlowDown / dropped connections.  Override with
+#: ``options={"config_kwargs": {"retries": {"max_attempts": n}}}`` (used for both clients).
+S3_MAX_ATTEMPTS = 10
+
 _TMP_MARK = ".tmp-"
 _SUPPORTED = ("local path", "file://", "s3://")
 # Option keys that would carry credentials; refused (the AWS chain provides them).
@@ -431,7 +437,16 @@ class Store:
             opts["client_kwargs"] = ck
         # Other processes (Ray workers) write too: never trust a cached listing.
         opts.setdefault("use_listings_cache", False)
+        config_kwargs = dict(opts.get("config_kwargs") or {})
+        config_kwargs["retries"] = {"mode": "standard", "max_attempts": cls._max_attempts(options),
+                                    **(config_kwargs.get("retries") or {})}
+        opts["config_kwargs"] = config_kwargs
         return fsspec.filesystem("s3", **opts)
+
+    @staticmethod
+    def _max_attempts(options: dict[str, Any]) -> int:
+        retries = (options.get("config_kwargs") or {}).get("retries") or {}
+        return int(retries.get("max_attempts") or S3_MAX_ATTEMPTS)
 
     def pyarrow_filesystem(self) -> pafs.FileSystem:
         """A pyarrow filesystem for the same location; pair it with :meth:`path` (native paths).
@@ -453,6 +468,8 @@ class Store:
                     kw["region"] = region
                 if self.options.get("anon"):
                     kw["anonymous"] = True
+                # NB: pyarrow does not pickle retry_strategy: a copy shipped to a Ray worker retries 3 times.
+                kw["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=self._max_attempts(self.options))
                 self._pa_fs = pafs.S3FileSystem(**kw)
         return self._pa_fs
 
