@@ -111,3 +111,18 @@ def ray_local():
                  configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def full_stack(s3_server, tmp_path_factory):
+    """One run of the whole stack (tests/fullstack.py): MLflow server + Ray head started by PID, the jobs
+    submitted with ``ray job submit``, both services stopped again; yields the evidence (shared by
+    test_full_stack.py and test_security.py, so CI starts one Ray head for both)."""
+    import boto3
+    from fullstack import cleanup, run_full_stack
+
+    bucket = f"stack-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    run = run_full_stack(s3_server, bucket, tmp_path_factory.mktemp("fullstack"))
+    yield run
+    cleanup(run)
