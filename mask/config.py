@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending key."""
+
+
+# A name that becomes one folder under the storage root (datasets/<name>/, knowledge/<version>/, …).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def _safe_name(v: str | None) -> str | None:
+    """Refuse names that could leave their folder: '/', '\\', '..', a leading '.', a scheme, an empty name."""
+    if v is not None and not _SAFE_NAME.fullmatch(v):
+        raise ValueError(f"{v!r} is not a safe folder name: it becomes a folder under the storage root, so only "
+                         "letters, digits, '_', '-' and '.' are allowed, not starting with '.' (no '/' or '..')")
+    return v
 
 
 class _Strict(BaseModel):
@@ -39,9 +52,9 @@ class StorageConfig(_Strict):
     @field_validator("options")
     @classmethod
     def _no_credentials(cls, v: dict[str, Any]) -> dict[str, Any]:
-        secret_keys = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
-                       "aws_session_token", "password"}
-        bad = sorted(k for k in _walk_keys(v) if k.lower() in secret_keys)
+        from mask.storage import _CREDENTIAL_OPTION_KEYS  # the same names that Store refuses
+
+        bad = sorted(k for k in _walk_keys(v) if k.lower() in _CREDENTIAL_OPTION_KEYS)
         if bad:
             raise ValueError(f"credentials are not accepted in config ({', '.join(bad)}); "
                              "use the AWS environment variables or credential chain")
@@ -79,6 +92,8 @@ class DatasetConfig(_Strict):
     splits: list[str] | None = None
     # Keep at most this many images (None = all); handy for smoke runs on real data.
     limit: int | None = None
+
+    _name_is_safe = field_validator("name")(_safe_name)
 
 
 class VocabularyConfig(_Strict):
@@ -218,6 +233,8 @@ class TrainConfig(_Strict):
     # training except epochs and run mechanics, so a rerun — also with more epochs — resumes it.
     run_name: str | None = None
 
+    _run_name_is_safe = field_validator("run_name")(_safe_name)
+
 
 class TextConfig(_Strict):
     # Parser: spaCy (en_core_web_sm, installs from PyPI) or NLTK (the paper's; needs its data).
@@ -243,6 +260,7 @@ class VectorsConfig(_Strict):
 class KnowledgeConfig(_Strict):
     # Version label of the knowledge artifact (None = derived from the config hash).
     version: str | None = None
+    _version_is_safe = field_validator("version")(_safe_name)
     # Precompute OOD prototypes for the most frequent N words of the vectors (0 = none).
     ood_vocab_size: int = Field(default=0, ge=0)
     # OOD method used for the precomputed words and at scoring time.

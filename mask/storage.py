@@ -89,7 +89,8 @@ class ArtifactNotFound(StorageError):
 _SECRET_WORDS = frozenset({"secret", "secrets", "password", "passwd", "pwd", "passphrase", "token", "credential",
                            "credentials", "apikey", "auth", "authorization", "signature", "cookie"})
 _SECRET_WORD_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"),
-                                ("session", "key"), ("account", "key"), ("sas", "token")})
+                                ("session", "key"), ("account", "key"), ("sas", "token"),
+                                ("customer", "key")})  # SSE-C: s3_additional_kwargs.SSECustomerKey
 _SECRET_VALUE_RES = (
     re.compile(r"\b(AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[A-Z0-9]{16}\b"),  # AWS access key ids
     re.compile(r"\b(ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{20,}\b"),  # GitHub tokens

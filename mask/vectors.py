@@ -9,8 +9,9 @@ Sources:
   parsed from the right: the last ``N`` fields are the floats and the rest, spaces included, is the token.
   ``N`` is taken from the first line (whose token has no space in every GloVe release).
 * word2vec text (header line ``"<count> <dim>"``; fastText ``.vec`` too) and word2vec binary.
-* gensim's own ``KeyedVectors.save`` file (``.kv``). gensim writes these with pickle: load only files you
-  trust.
+* gensim's own ``KeyedVectors.save`` file (``.kv``). gensim writes these with pickle, so they are refused
+  unless the caller passes ``allow_pickle=True`` (library use, for a file you trust); the jobs never do —
+  convert such a file once with ``KeyedVectors.save_word2vec_format(path, binary=True)``.
 * Any of the files above behind an fsspec URI (``s3://…``); it is copied into the cache first.
 
 Conversion happens once per source into ``cache_dir`` (default ``~/.cache/mask-itm/vectors``), into a folder
@@ -72,7 +73,8 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_vectors(source: str = KUMO_SOURCE, format: str | None = None, cache_dir: str | None = None):
+def load_vectors(source: str = KUMO_SOURCE, format: str | None = None, cache_dir: str | None = None,
+                 allow_pickle: bool = False):
     """Load pretrained word vectors, converting the source once into a memory-mappable cache.
 
     Args:
@@ -82,6 +84,8 @@ def load_vectors(source: str = KUMO_SOURCE, format: str | None = None, cache_dir
             name (``.txt``/``.vec``/``.txt.gz``/``.zip``: word2vec text when the first line is a
             ``"count dim"`` header, GloVe otherwise; ``.bin``/``.bin.gz``: word2vec binary; ``.kv``: gensim).
         cache_dir: folder for converted sources (None = :func:`default_cache_dir`).
+        allow_pickle: load a gensim ``.kv`` file, which unpickles it (runs code from the file): only for
+            files you trust.  Without it such a source raises :class:`VectorsError`.
 
     Returns:
         ``gensim.models.KeyedVectors`` whose ``vectors`` (V, N) float32 are a read-only ``np.memmap``
@@ -94,6 +98,11 @@ def load_vectors(source: str = KUMO_SOURCE, format: str | None = None, cache_dir
         raise VectorsError(f"vectors format {format!r}: unknown, expected one of {', '.join(FORMATS)}")
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     src = _resolve_source(source, format)
+    if src.format == "gensim" and not allow_pickle:
+        raise VectorsError(
+            f"word vectors {source}: gensim .kv files are pickles and are not loaded (loading one runs code from "
+            "the file); convert it once with KeyedVectors.load(path).save_word2vec_format('vectors.bin', "
+            "binary=True) and use that file, or call load_vectors(..., allow_pickle=True) for a file you trust")
     target = cache_root / f"{src.label}-{src.fingerprint}"
     if (target / "meta.json").is_file():
         logger.debug("word vectors %s: cached at %s", source, target)
@@ -595,7 +604,7 @@ def _convert_gensim(path: str, origin: str, workdir: Path, target: Path, meta: d
     from gensim.models import KeyedVectors
 
     try:
-        kv = KeyedVectors.load(path, mmap="r")
+        kv = KeyedVectors.load(path, mmap="r")  # unpickles: reached only with load_vectors(allow_pickle=True)
     except Exception as e:  # gensim/pickle raise many types for a file that is not theirs
         raise VectorsError(f"word vectors {origin}: not a gensim KeyedVectors file: {e}") from e
     if not hasattr(kv, "index_to_key"):

@@ -131,10 +131,12 @@ def test_gensim_native(tmp_path, rng):
     words = ["the", "cat", "café", "dog"]
     table = _table(rng, 4, 3)
     _reference_kv(words, table).save(str(tmp_path / "tiny.kv"))
-    _check(load_vectors(str(tmp_path / "tiny.kv"), cache_dir=str(tmp_path / "c")), words, table)
+    with pytest.raises(VectorsError, match="pickles and are not loaded"):  # only with an explicit opt-in
+        load_vectors(str(tmp_path / "tiny.kv"), cache_dir=str(tmp_path / "c"))
+    _check(load_vectors(str(tmp_path / "tiny.kv"), cache_dir=str(tmp_path / "c"), allow_pickle=True), words, table)
     (tmp_path / "junk.kv").write_bytes(b"not a pickle")
     with pytest.raises(VectorsError, match="not a gensim KeyedVectors"):
-        load_vectors(str(tmp_path / "junk.kv"), cache_dir=str(tmp_path / "c"))
+        load_vectors(str(tmp_path / "junk.kv"), cache_dir=str(tmp_path / "c"), allow_pickle=True)
 
 
 def test_s3_source(s3_bucket, tmp_path, rng):
