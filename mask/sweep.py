@@ -48,6 +48,10 @@ class SpaceError(ValueError):
     """A search-space file that cannot be used; the message names the file and the key."""
 
 
+class SweepError(ValueError):
+    """A sweep that cannot run or go on as asked; the message names what is missing."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
