@@ -92,6 +92,8 @@ class DatasetConfig(_Strict):
     splits: list[str] | None = None
     # Keep at most this many images (None = all); handy for smoke runs on real data.
     limit: int | None = None
+    # kind=folder: a captions file (one caption per line, or a CSV with text[, image_id, caption_id]).
+    captions: str | None = None
 
     _name_is_safe = field_validator("name")(_safe_name)
 

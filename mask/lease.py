@@ -139,11 +139,18 @@ class Lease:
         self._acquired_at = now
         if not self.store.create_exclusive(self._file(gen), self._payload("held", now + self.ttl_s)):
             other = self._read(gen)
+            if other is not None and other.owner == self.owner:
+                # our conditional PUT landed but its reply was lost: the retry got 412 for our own file
+                logger.info("lease %s: generation %d is ours (a retried create)", self.store.uri(self.rel), gen)
+                return self._held(gen)
             self.generation = None
             raise LeaseBusy(f"lease {self.store.uri(self.rel)} was just taken by "
                             f"{other.owner if other else 'another run'} (generation {gen})",
                             holder=other.__dict__ if other else None)
-        for old in gens[:-1]:  # keep the previous generation for the record; older ones go
+        return self._held(gen, gens)
+
+    def _held(self, gen: int, gens: list[int] | None = None) -> Lease:
+        for old in (gens or [])[:-1]:  # keep the previous generation for the record; older ones go
             try:
                 self.store.delete(self._file(old))
             except (OSError, StorageError) as e:

@@ -99,3 +99,24 @@ def test_bad_arguments(tmp_path):
         Lease(s, "l", ttl_s=0)
     with pytest.raises(Exception, match=r"\.\."):
         Lease(s, "../escape", ttl_s=1)
+
+
+def test_a_create_whose_reply_was_lost_is_still_ours(tmp_path, monkeypatch):
+    """The conditional PUT landed, its reply was lost, the retry got 412: the lease is ours, not busy."""
+    s = Store(str(tmp_path))
+    real = s.create_exclusive
+
+    def lost_reply(rel, data):
+        real(rel, data)
+        return False
+
+    monkeypatch.setattr(s, "create_exclusive", lost_reply)
+    lease = Lease(s, "l", ttl_s=60, owner="me", heartbeat=False).acquire()
+    assert lease.generation == 1
+    lease.check()
+    monkeypatch.setattr(s, "create_exclusive", lambda rel, data: False)  # someone else really has gen 2
+    s.write_bytes("l/000000000002.json", b'{"owner": "other", "generation": 2, "state": "held", '
+                                         b'"acquired_at": 0, "expires_at": 9e12}')
+    lease.release()
+    with pytest.raises(LeaseBusy, match="held by other"):
+        Lease(s, "l", ttl_s=60, owner="me2", heartbeat=False).acquire()

@@ -98,8 +98,8 @@ def read_dataset(cfg: Any, storage_options: dict | None = None, demo_root: str |
 
         fs_isdir = exists(path, so) and not os.path.splitext(path)[1]
         if fs_isdir:
-            return read_image_folder(path, name=cfg.name, limit=cfg.limit, storage_options=so)
-        return read_uri_list(path, name=cfg.name, limit=cfg.limit, storage_options=so)
+            return read_image_folder(path, name=cfg.name, limit=cfg.limit, captions=cfg.captions, storage_options=so)
+        return read_uri_list(path, name=cfg.name, limit=cfg.limit, captions=cfg.captions, storage_options=so)
     raise DatasetError(f"dataset {cfg.name!r}: unknown kind {kind!r}")
 
 

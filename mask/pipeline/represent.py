@@ -26,10 +26,14 @@ class MuStage:
 
     def __init__(self, pae_bytes: bytes, word_index: dict[str, int] | None = None,
                  region_words: dict[str, list[str]] | None = None, mode: str = "images", seed: int = 0,
-                 keep_ids: list[str] | None = None):
+                 keep_ids: list[str] | None = None, threads: int | None = None):
         from mask.models import load_pae
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if threads and self.device.type == "cpu":  # Ray pins an actor's torch to 1 thread otherwise
+            import os
+
+            torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
         self.pae = load_pae(pae_bytes).to(self.device).eval()
         self.mode = mode
         self.word_index = word_index or {}
@@ -111,12 +115,16 @@ def _sample_key(seed: int, region_id: str, word: int) -> int:
 
 def knowledge_pass(features_ds, pae_bytes: bytes, word_index: dict[str, int],
                    region_words: dict[str, list[str]], latent_dim: int, seed: int,
-                   concurrency: int = 1, num_gpus: float = 0, batch_size: int = 64):
-    """Eq. 2 over every VG region in one streaming pass; returns a merged PrototypeAccumulator."""
+                   concurrency: int = 1, num_gpus: float = 0, batch_size: int = 64, threads: int | None = None):
+    """Eq. 2 over every VG region in one streaming pass; returns a merged PrototypeAccumulator.
+
+    ``threads``: torch threads per CPU actor (None: the cluster's CPUs / ``concurrency``)."""
     from mask.knowledge import PrototypeAccumulator
 
     acc = PrototypeAccumulator(len(word_index), latent_dim, seed=seed)
-    ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, word_index, region_words, "partials", seed),
+    threads = _cpu_threads(threads, concurrency, num_gpus)
+    ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, word_index, region_words, "partials", seed,
+                                                               None, threads),
                                  batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
                                  batch_format="numpy")
     for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -126,10 +134,24 @@ def knowledge_pass(features_ds, pae_bytes: bytes, word_index: dict[str, int],
     return acc
 
 
+def _cpu_threads(threads: int | None, concurrency: int, num_gpus: float) -> int | None:
+    if threads is not None or num_gpus:
+        return threads
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, concurrency))
+
+
 def image_representations(features_ds, pae_bytes: bytes, concurrency: int = 1, num_gpus: float = 0,
-                          batch_size: int = 64, keep_ids: list[str] | None = None) -> pa.Table:
-    """μ per image (``image_id, mu (list<float32> n×Z), num_boxes, latent_dim``); only ``keep_ids`` when given."""
-    ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, None, None, "images", 0, keep_ids),
+                          batch_size: int = 64, keep_ids: list[str] | None = None,
+                          threads: int | None = None) -> pa.Table:
+    """μ per image (``image_id, mu (list<float32> n×Z), num_boxes, latent_dim``); only ``keep_ids`` when given.
+
+    ``threads``: torch threads per CPU actor (None: the cluster's CPUs / ``concurrency``, at most the
+    actor's machine's cores). Actors reserve 1 CPU each so Ray Data's read tasks keep a CPU.
+    """
+    threads = _cpu_threads(threads, concurrency, num_gpus)
+    ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, None, None, "images", 0, keep_ids, threads),
                                  batch_size=batch_size,
                                  concurrency=concurrency, num_gpus=num_gpus, batch_format="numpy")
     return mu_table(ds.iter_batches(batch_size=None, batch_format="numpy"))
@@ -150,21 +172,25 @@ def mu_table(batches) -> pa.Table:
 
 
 def padded_mu(table: pa.Table, image_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """μ rows in the order of ``image_ids`` → (N, R, Z) and mask (N, R)."""
+    """μ rows in the order of ``image_ids`` → (N, R, Z) and mask (N, R) (one flat copy out of Arrow,
+    no per-row Python lists)."""
     index = {x: i for i, x in enumerate(table.column("image_id").to_pylist())}
     missing = [x for x in image_ids if x not in index]
     if missing:
         raise KeyError(f"no region representations for {len(missing)} images, e.g. {missing[:3]}")
     z = int(table.column("latent_dim")[0].as_py()) if table.num_rows else 0
-    counts = table.column("num_boxes").to_pylist()
-    mus = table.column("mu").to_pylist()
-    r = max([counts[index[x]] for x in image_ids] + [1])
+    counts = np.asarray(table.column("num_boxes").to_numpy(zero_copy_only=False), np.int64)
+    col = table.column("mu").combine_chunks() if table.num_rows else None
+    flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32) if col is not None else None
+    offsets = np.asarray(col.offsets.to_numpy(), np.int64) if col is not None else None
+    starts = offsets[:-1] - offsets[0] if col is not None else None  # flatten() starts at the first offset
+    rows = np.asarray([index[x] for x in image_ids], np.int64)
+    r = int(max(counts[rows].max(initial=0), 1)) if rows.size else 1
     out = np.zeros((len(image_ids), r, z), np.float32)  # (N, R, Z)
     mask = np.zeros((len(image_ids), r), bool)  # (N, R)
-    for j, x in enumerate(image_ids):
-        i = index[x]
-        c = counts[i]
+    for j, i in enumerate(rows):
+        c = int(counts[i])
         if c:
-            out[j, :c] = np.asarray(mus[i], np.float32).reshape(c, z)
+            out[j, :c] = flat[starts[i]:starts[i] + c * z].reshape(c, z)
             mask[j, :c] = True
     return out, mask
