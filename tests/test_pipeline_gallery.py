@@ -6,6 +6,7 @@ other tests reuse both.  Base-score readers are tested directly on small files.
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -184,6 +185,44 @@ def test_rerank_with_a_synthetic_base_matrix(world, tmp_path):
     # rerun: the committed re-ranking is reused
     again = score_gallery.main([*world["args"], f"rerank.base_scores={path}", "rerank.k=5", "rerank.alpha=0.5"])
     assert again["rerank"]["reused"] is True and again["rerank"]["after"] == rr["after"]
+
+
+def test_rerank_from_a_base_scores_artifact_by_reference(world):
+    """rerank.base_scores may name a jobs/base_scores.py artifact: rows/columns aligned by its ids.json,
+    excluded images (and their captions) get the fill score."""
+    import json
+
+    from jobs import score_gallery
+    from mask.metrics import recall_at_k
+    from mask.scoring import fill_score
+
+    store, rel, f = _index(world)
+    ids = f["images.parquet"].column("image_id").to_pylist()
+    caps = f["captions.parquet"]
+    c2i = np.asarray(caps.column("image_position").to_pylist())
+    base = _noisy_truth(c2i, 10, noise=0.8)
+    keep = [i for i in range(10) if i != 3]  # image 3 failed in the base job: excluded with its captions
+    rows = keep[::-1]  # the artifact's own order
+    cols = [j for j in range(len(c2i)) if c2i[j] != 3]
+    cap_ids = caps.column("caption_id").to_pylist()
+    with store.open_artifact("base_scores/demo_gallery/test-model", kind="base_scores", config_hash="t") as w:
+        buf = io.BytesIO()
+        np.save(buf, base[np.ix_(rows, cols)].astype(np.float32))
+        w.write_file("scores.npy", buf.getvalue())
+        w.write_file("ids.json", json.dumps({
+            "image_ids": [ids[i] for i in rows], "caption_ids": [cap_ids[j] for j in cols],
+            "caption_image": [rows.index(c2i[j]) for j in cols], "excluded_image_ids": [ids[3]],
+            "excluded_caption_ids": [cap_ids[j] for j in range(len(c2i)) if c2i[j] == 3]}).encode())
+    s = score_gallery.main([*world["args"], "rerank.base_scores=base_scores/demo_gallery/test-model", "rerank.k=5"])
+    rr = s["rerank"]
+    assert rr["missing"] == 10 * 50 - 9 * 45
+    expect = base.astype(np.float32).astype(np.float64)
+    given = np.zeros_like(expect, bool)
+    given[np.ix_(keep, cols)] = True
+    expect[~given] = fill_score(float(expect[given].min()))
+    assert rr["before"] == pytest.approx(recall_at_k(expect, caption_to_image=c2i))
+    with pytest.raises(Exception, match="not base_scores"):
+        score_gallery.main([*world["args"], f"rerank.base_scores={rel}"])  # an index is not base scores
 
 
 def test_rerank_from_parquet_pairs_and_topk_lists(world, tmp_path):

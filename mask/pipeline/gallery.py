@@ -353,9 +353,32 @@ def _read_bytes(path: str, options: dict[str, Any]) -> bytes:
         raise BaseScoresError(f"rerank.base_scores {path}: no such file") from None
 
 
+def base_scores_artifact(path: str, options: dict[str, Any], store: Store | None = None):
+    """``(Store, rel, fingerprint)`` when ``path`` is a committed ``jobs/base_scores.py`` artifact
+    (``base_scores/<gallery>/<model-tag>``, under the storage root or given as a URI), else None."""
+    if path.endswith((".npy", ".parquet")):
+        return None
+    p = path.rstrip("/")
+    if store is not None and "://" not in p and not os.path.isabs(p) and store.manifest(p) is not None:
+        s, rel = store, p
+    else:
+        if "://" not in p and not os.path.isabs(p):
+            return None
+        s, rel = Store(posixpath.dirname(p), options if p.startswith("s3://") else {}), posixpath.basename(p)
+        if s.manifest(rel) is None:
+            return None
+    m = s.manifest(rel)
+    if m.get("kind") != "base_scores":
+        raise BaseScoresError(f"rerank.base_scores {path}: the artifact there is a {m.get('kind')!r}, "
+                              "not base_scores (jobs/base_scores.py)")
+    files = {f["name"]: f["sha256"] for f in m.get("files") or []}
+    return s, rel, fingerprint(files)
+
+
 def load_base_scores(path: str, image_ids: list[str], caption_ids: list[str],
-                     storage_options: dict[str, Any] | None = None, raw: bytes | None = None) -> BaseScores:
-    """Read base-model scores in one of three layouts and align them with the gallery order.
+                     storage_options: dict[str, Any] | None = None, raw: bytes | None = None,
+                     artifact=None) -> BaseScores:
+    """Read base-model scores in one of four layouts and align them with the gallery order.
 
     * ``.npy``: a dense (N_images, N_captions) matrix in the index's order (``images.parquet``,
       ``captions.parquet``);
@@ -364,7 +387,11 @@ def load_base_scores(path: str, image_ids: list[str], caption_ids: list[str],
       per-query top-k lists; without ``direction``, query ids that are caption ids mean text→image and
       image ids mean image→text.
 
-    Pairs a Parquet file does not give get the fill score ``lowest − max(1, |lowest|)``
+    * a committed ``jobs/base_scores.py`` artifact (``base_scores/<gallery>/<model-tag>``, under the
+      storage root or as a URI): its ``ids.json`` aligns rows and columns by id; images and captions it
+      excluded get the fill score.
+
+    Pairs a Parquet file (or the artifact) does not give get the fill score ``lowest − max(1, |lowest|)``
     (:func:`mask.scoring.fill_score`): they rank after every given pair and are re-ranked only when a
     query has fewer than ``rerank.k`` given candidates.
 
@@ -376,6 +403,32 @@ def load_base_scores(path: str, image_ids: list[str], caption_ids: list[str],
 
     n, t = len(image_ids), len(caption_ids)
     name = f"rerank.base_scores {path}"
+    if artifact is None and raw is None:
+        artifact = base_scores_artifact(path, storage_options or {})
+    if artifact is not None:  # a jobs/base_scores.py artifact: its ids say where each row and column goes
+        from mask.pipeline.base_scores import load_base_scores as load_artifact
+
+        a = load_artifact(artifact[0], artifact[1])
+        img_pos = {x: i for i, x in enumerate(image_ids)}
+        cap_pos = {x: i for i, x in enumerate(caption_ids)}
+        unknown = [x for x in a.image_ids if x not in img_pos] + [x for x in a.caption_ids if x not in cap_pos]
+        if unknown:
+            raise BaseScoresError(f"{name}: {len(unknown)} ids of the artifact are not in the gallery, e.g. "
+                                  f"{unknown[:5]} (scored for another gallery?)")
+        if not np.isfinite(a.scores).all():
+            raise BaseScoresError(f"{name}: non-finite scores in the artifact's scores.npy")
+        from mask.scoring import fill_score
+
+        mat = np.full((n, t), np.nan)
+        rows = np.asarray([img_pos[x] for x in a.image_ids], np.int64)
+        cols = np.asarray([cap_pos[x] for x in a.caption_ids], np.int64)
+        mat[np.ix_(rows, cols)] = a.scores
+        given = np.isfinite(mat)
+        if not given.any():
+            raise BaseScoresError(f"{name}: has no scores")
+        missing = int((~given).sum())
+        mat[~given] = fill_score(float(mat[given].min()))
+        return BaseScores(matrix=mat, directions=("t2i", "i2t"), missing=missing)
     raw = _read_bytes(path, storage_options or {}) if raw is None else raw
     if path.endswith(".npy"):
         try:
@@ -507,8 +560,9 @@ def rerank_index(cfg: MaskConfig, store: Store, rel: str, dense: np.ndarray | No
 
     rc = cfg.rerank
     path = rc.base_scores
-    raw = _read_bytes(path, cfg.storage.options)
-    base_fp = hashlib.sha256(raw).hexdigest()
+    art = base_scores_artifact(path, cfg.storage.options, store)
+    raw = None if art is not None else _read_bytes(path, cfg.storage.options)
+    base_fp = art[2] if art is not None else hashlib.sha256(raw).hexdigest()
     rhash = fingerprint({"base": base_fp, "k": rc.k, "alpha": rc.alpha})[:16]
     rrel = f"{rel}/rerank/r-{rhash}"
     done = store.committed(rrel, rhash)
@@ -517,7 +571,7 @@ def rerank_index(cfg: MaskConfig, store: Store, rel: str, dense: np.ndarray | No
         out.update(uri=store.uri(rrel), reused=True)
     else:
         order = index_order(store, rel)
-        base = load_base_scores(path, order.image_ids, order.caption_ids, raw=raw)
+        base = load_base_scores(path, order.image_ids, order.caption_ids, raw=raw, artifact=art)
         mask = dense if dense is not None else index_dense(cfg, store, rel)
         rr = rerank_both(base.matrix, mask, rc.k, rc.alpha)
         c2i = order.caption_to_image
