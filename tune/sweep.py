@@ -3,13 +3,14 @@
     python tune/sweep.py                                   # the demo space on the embedded default
     python tune/sweep.py --space tune/spaces/demo.yaml train.lr=5e-4
     python tune/sweep.py --resume                          # continue this config+space's sweep after a crash
-    python tune/sweep.py --restore ./artifacts/sweeps/sweep-<hash>/tune
+    python tune/sweep.py --name lambda-scan --resume       # continue the sweep in sweeps/lambda-scan/
     ray job submit --working-dir . -- python tune/sweep.py storage.root=s3://bucket/mask
 
 Options: --space FILE (YAML search space, default tune/spaces/demo.yaml), --name NAME (sweep folder
-sweeps/<NAME>/, default sweep-<hash of config and space>), --resume, --restore PATH, then the usual
---config FILE and dotted overrides.  A rerun of a finished sweep prints its summary; a rerun of an
-interrupted one restores it (Tuner.restore).  Prints the best trial, the best config file (a full
+sweeps/<NAME>/, default sweep-<hash of config and space>), --resume (restore the sweep's Tune
+experiment, sweeps/<NAME>/tune, and fail when there is none), then the usual --config FILE and dotted
+overrides.  A rerun of a finished sweep prints its summary; a rerun of an interrupted one restores it
+(Tuner.restore) also without --resume.  Prints the best trial, the best config file (a full
 config for jobs/*.py), the registered knowledge and the held-out test metrics.
 """
 
@@ -31,7 +32,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--space", default=str(DEFAULT_SPACE))
     p.add_argument("--name", default=None)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--restore", default=None)
     args, rest = p.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         print(__doc__)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         summary = run_sweep(cfg, spec, space_text=Path(args.space).read_text(), name=args.name,
-                            resume=args.resume, restore=args.restore)
+                            resume=args.resume)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

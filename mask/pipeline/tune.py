@@ -175,7 +175,7 @@ def _write_state(store: Store, name: str, state: dict[str, Any]) -> None:
 
 
 def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: str | None = None,
-              resume: bool = False, restore: str | None = None) -> dict[str, Any]:
+              resume: bool = False) -> dict[str, Any]:
     """Run (or continue) a sweep; see the module docstring.
 
     Args:
@@ -183,8 +183,8 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
         spec: the validated search space.
         space_text: the space file's text (logged to the parent run).
         name: sweep name (default :func:`sweep_name`); its folder is ``sweeps/<name>/``.
-        resume: require an existing experiment to restore (error when there is none).
-        restore: restore this Tune experiment folder (path or URI) instead of ``sweeps/<name>/tune``.
+        resume: require an existing experiment to restore (error when there is none); without it an
+            existing experiment of this sweep is restored too, and a new one started otherwise.
 
     Returns:
         A summary: name, experiment path, trials (status, score, epochs), the best trial, the best
@@ -211,16 +211,15 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
         raise SweepError(f"sweep {name} at {store.uri('sweeps', name)} was started with another config or search "
                          "space; pass another --name (or the same config and space to continue it)")
     state["identity"] = identity
-    if state.get("summary") and restore is None:
+    if state.get("summary"):
         logger.info("sweep %s finished before; returning its summary (%s)", name, store.uri("sweeps", name))
         return {**state["summary"], "reused": True}
     init_ray(cfg)
     storage_path, exp_path = _tune_path(store, name)
     fs = store.pyarrow_filesystem()
-    exp_restore = restore or exp_path
-    restorable = tune.Tuner.can_restore(exp_restore, storage_filesystem=None if restore else fs)
-    if (resume or restore) and not restorable:
-        raise SweepError(f"nothing to resume: no Tune experiment at {restore or store.uri('sweeps', name, 'tune')}")
+    restorable = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+    if resume and not restorable:
+        raise SweepError(f"nothing to resume: no Tune experiment at {store.uri('sweeps', name, 'tune')}")
     epochs = spec.epochs(cfg)
     run, exp_id, client = _open_parent(cfg, store, state, name)
     state.update(parent_run_id=run.run_id, name=name, started=state.get("started") or time.time())
@@ -259,9 +258,9 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                         {"cpu": spec.trials.cpus, "gpu": spec.trials.gpus})
         if restorable:
-            logger.info("restoring the Tune experiment %s", exp_restore)
-            tuner = tune.Tuner.restore(exp_restore, trainable, resume_unfinished=True, resume_errored=True,
-                                       param_space=_param_space(spec), storage_filesystem=None if restore else fs)
+            logger.info("restoring the Tune experiment %s", store.uri("sweeps", name, "tune"))
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=_param_space(spec), storage_filesystem=fs)
         else:
             callbacks = []
             if run.run_id is not None:
