@@ -234,3 +234,58 @@ def test_bad_inputs(world, tmp_path):
             reindex.main(_args(world, 12))
     finally:
         store.write_bytes("indexes/demo_gallery/CURRENT", good)
+
+
+def test_user_folder_with_a_captions_file_grows_incrementally(world, tmp_path):
+    """A user's image folder + CSV captions (gallery.kind=folder): new files are picked up, only they cost work."""
+    import csv
+    import shutil
+
+    from jobs import reindex
+
+    store = _store(world)
+    images = store.read_table("datasets/demo_gallery/images").to_pylist()[:6]
+    captions = store.read_table("datasets/demo_gallery/captions").to_pylist()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+
+    def publish(n):
+        for rec in images[:n]:
+            shutil.copy(rec["uri"], folder / f"{rec['image_id']}.jpg")
+        keep = {r["image_id"] for r in images[:n]}
+        with open(tmp_path / "captions.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["caption_id", "image_id", "text"])
+            w.writeheader()
+            for c in captions:
+                if c["image_id"] in keep:
+                    w.writerow({k: c[k] for k in ("caption_id", "image_id", "text")})
+            first = images[0]["image_id"]  # hard captions: no content word, unicode, very long
+            w.writerow({"caption_id": "x-none", "image_id": first, "text": "it is there and then of it"})
+            w.writerow({"caption_id": "x-uni", "image_id": first, "text": "ein rotes Auto 🚗 — très jolie boîte ☃ ball"})
+            w.writerow({"caption_id": "x-long", "image_id": first, "text": "a small red ball " * 2500 + "and a purple umbrella"})
+
+    args = [f"storage.root={world['root']}", *SMALL, "gallery.name=user_photos", "gallery.kind=folder",
+            f"gallery.path={folder}", f"gallery.captions={tmp_path / 'captions.csv'}", "gallery.splits=null",
+            "--knowledge", world["built"]["knowledge"]["uri"]]
+    publish(4)
+    first = reindex.main(args)
+    assert first["status"] == "built" and first["reuse"]["images"] == 4 and first["reuse"]["captions"] == 23
+    from mask.pipeline.index import read_index_file
+
+    rel = f"indexes/user_photos/{first['version']}"
+    caps = read_index_file(store, rel, "captions.parquet").to_pylist()
+    dense = read_index_file(store, rel, "scores.npy")
+    metrics = read_index_file(store, rel, "metrics.json")
+    by_id = {c["caption_id"]: c for c in caps}
+    assert by_id["x-none"]["words"] == [] and metrics["coverage"]["captions_without_words"] >= 1
+    col = by_id["x-none"]["position"]  # rule: no content word → the fill score, below every real score
+    assert np.all(dense[:, col] == metrics["fill_score"]) and metrics["fill_score"] < dense[:, 0].min()
+    assert "ball" in by_id["x-uni"]["words"] and "🚗" in by_id["x-uni"]["text"]
+    assert set(by_id["x-long"]["words"]) == {"small", "red", "ball", "purple", "umbrella"}  # 10k words, not cut
+    publish(6)
+    second = reindex.main(args)
+    r = second["reuse"]
+    assert second["status"] == "built" and second["previous"] == first["version"]
+    assert (r["images_new"], r["features_extracted"], r["mu_computed"], r["captions_parsed"]) == (2, 2, 2, 10)
+    assert r["captions"] == 33
+    assert reindex.main(args)["status"] == "up-to-date"
