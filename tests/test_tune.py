@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -129,6 +131,58 @@ def test_grid_names_best_entry_and_m_clipping(rng):
     assert at["metrics"]["rsum"] == max(v["rsum"] for (m, _, _), v in grid["rerank"].items() if m == 25)
     assert clip_m([1, 10, 50, 100], 25) == ([1, 10, 25], [50, 100])
     assert clip_m([1, 10], 25) == ([1, 10], [])
+
+
+@pytest.mark.parametrize("given_base", [True, False])
+def test_grid_matches_a_naive_reference(rng, given_base):
+    """evaluate_grid against eq. 10 by loops (score_matrix_naive), eq. 11–13 (ood_prototypes) and eq. 15
+    (rerank_both) applied by hand; the demo base is the same prototypes with global mean pooling."""
+    from mask.config import load_config
+    from mask.knowledge import KnowledgeTable, ood_prototypes
+    from mask.metrics import recall_at_k
+    from mask.pipeline.tune_trial import EvalGallery, PreParsed, StoredVectors, evaluate_grid
+    from mask.rerank import rerank_both
+    from mask.scoring import normalize_rows, score_matrix_naive
+
+    known = ["car", "dog", "red", "blue", "tree", "big"]
+    kvecs = rng.normal(size=(6, 8)).astype(np.float32)
+    table = KnowledgeTable(words=known, counts=np.full(6, 3), word_vectors=kvecs,
+                           prototypes=rng.normal(size=(6, 5)).astype(np.float32), source=["vg"] * 6)
+    ood = {"automobile": kvecs[0] + 0.1 * rng.normal(size=8), "crimson": rng.normal(size=8)}
+    texts = ["red car", "big dog", "crimson automobile", "blue tree", "red dog", "big car", "blue car", "tree"]
+    words = {"red car": ["red", "car"], "big dog": ["big", "dog"], "crimson automobile": ["crimson", "automobile"],
+             "blue tree": ["blue", "tree"], "red dog": ["red", "dog"], "big car": ["big", "car"],
+             "blue car": ["blue", "car"], "tree": ["tree", "nightjar"]}  # "nightjar": no vector, dropped
+    kv = StoredVectors({w: i for i, w in enumerate(ood)}, np.stack(list(ood.values())).astype(np.float32), 8)
+    n_img = 4
+    c2i = np.repeat(np.arange(n_img), 2)
+    mu = rng.normal(size=(n_img, 3, 5)).astype(np.float32)
+    mask = np.ones((n_img, 3), bool)
+    mask[1, 2] = False
+    base = rng.normal(size=(n_img, len(texts))) if given_base else None
+    g = EvalGallery(features={}, image_ids=[str(i) for i in range(n_img)], texts=texts, caption_to_image=c2i,
+                    parser=PreParsed(words), kv=kv, base=base)
+    cfg = load_config("demo")
+    grid = evaluate_grid(cfg, table, mu, mask, g, [1, 3], [0.5], [2, 4], base_m=3)
+
+    def naive(m: int, pooling: str) -> np.ndarray:
+        protos = {w: table.prototypes[i] for i, w in enumerate(known)}
+        made = ood_prototypes(np.stack(list(ood.values())), kvecs, table.prototypes, m)
+        protos.update(dict(zip(ood, made, strict=True)))
+        vocab = sorted(protos)
+        cw = [[vocab.index(w) for w in words[t] if w in protos] for t in texts]
+        p = normalize_rows(np.stack([protos[w] for w in vocab]))
+        return score_matrix_naive(normalize_rows(mu.reshape(-1, 5)).reshape(mu.shape), mask, cw, p, pooling=pooling)
+
+    ref_base = base if given_base else naive(3, "mean")
+    assert grid["base"] == pytest.approx(recall_at_k(ref_base, caption_to_image=c2i))
+    for m in (1, 3):
+        sim = naive(m, "max-mean")
+        assert grid["mask"][m] == pytest.approx(recall_at_k(sim, caption_to_image=c2i))
+        for k in (2, 4):
+            rr = rerank_both(ref_base, sim, k, 0.5)
+            want = recall_at_k(rr.i2t, caption_to_image=c2i, t2i_similarity=rr.t2i)
+            assert grid["rerank"][(m, 0.5, k)] == pytest.approx(want)
 
 
 def test_asha_stops_a_worse_trial_at_the_grace_rung():
@@ -281,7 +335,17 @@ def test_rerun_restores_failed_trials_from_their_checkpoints(swept, monkeypatch,
     root = swept["root"]
     space = _space(tmp_path, {**TINY_SPACE, "trials": {**TINY_SPACE["trials"], "epochs": 3, "max_failures": 0},
                               "scheduler": {"type": "fifo"}})
-    args = ["--name", "failed", "--space", str(space), f"storage.root={root}", *SMALL]
+    # a base model's scores given as a file (random, seeded): the grid's base is then the same for every trial
+    from mask.storage import Store
+
+    store = Store(str(root))
+    caps = store.read_table("datasets/demo_gallery/captions")
+    imgs = store.read_table("datasets/demo_gallery/images").column("image_id").to_pylist()
+    pairs = [(i, c) for i in imgs for c in caps.column("caption_id").to_pylist()]
+    base = tmp_path / "base.parquet"
+    pq.write_table(pa.table({"image_id": [i for i, _ in pairs], "caption_id": [c for _, c in pairs],
+                             "score": np.random.default_rng(0).normal(size=len(pairs))}), base)
+    args = ["--name", "failed", "--space", str(space), f"storage.root={root}", f"rerank.base_scores={base}", *SMALL]
     monkeypatch.setenv("MASK_FAULT_INJECT", f"tune_error:1:{tmp_path / 'failed-once'}")
     first = sweep.main(args)
     errors = [t for t in first["trials"] if t["error"]]
@@ -297,6 +361,8 @@ def test_rerun_restores_failed_trials_from_their_checkpoints(swept, monkeypatch,
     c, parent, children = _sweep_runs(root, first["mlflow"]["parent_run_id"])
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert parent.data.params["best.trial_id"] == again["best"]["trial_id"]
+    assert parent.data.params["rerank.base_model"] == f"rerank.base_scores {base}"
+    assert children[0].data.metrics["grid.base.rsum"] == children[1].data.metrics["grid.base.rsum"]
     redone = next(r for r in children if r.data.tags["tune.trial_id"] == errors[0]["trial_id"])
     assert sorted(h.step for h in c.get_metric_history(redone.info.run_id, "val.rsum")) == [0, 1, 2]
     starts = _start_epochs(root / "sweeps" / "failed" / "tune" / f"trial_{errors[0]['trial_id']}")

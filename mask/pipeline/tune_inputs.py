@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from mask.config import MaskConfig
 from mask.pipeline.runtime import JobContext
 from mask.pipeline.tune_trial import INPUTS_KIND
-from mask.storage import fingerprint
+from mask.storage import StorageError, Store, fingerprint, fingerprint_files
 from mask.sweep import SweepError, SweepSpec
 
 logger = logging.getLogger(__name__)
@@ -71,11 +71,25 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def inputs_hash(cfg: MaskConfig, spec: SweepSpec) -> str:
+def _base_artifact(cfg: MaskConfig, store: Store):
+    from mask.pipeline.gallery import base_scores_artifact
+
+    return base_scores_artifact(cfg.rerank.base_scores, cfg.storage.options, store)
+
+
+def inputs_hash(cfg: MaskConfig, spec: SweepSpec, store: Store) -> str:
+    """What the inputs depend on: data, detector, vocabulary, parser, the validation split and the base
+    scores (their content: a base_scores artifact's file hashes, else the file's size and mtime/ETag)."""
     data = cfg.model_dump(mode="json")
     ident = {s: data[s] for s in ("seed", "dataset", "gallery", "vocabulary", "detector", "vectors", "text")}
-    ident["base_scores"] = cfg.rerank.base_scores
     ident["validation"] = spec.validation.model_dump(mode="json")
+    path = cfg.rerank.base_scores
+    if path:
+        art = _base_artifact(cfg, store)
+        try:
+            ident["base_scores"] = [path, art[2] if art is not None else fingerprint_files(None, [path])]
+        except StorageError as e:
+            raise SweepError(f"rerank.base_scores {path}: {e}") from None
     return fingerprint(ident)[:16]
 
 
@@ -93,7 +107,7 @@ def prepare_inputs(ctx: JobContext, spec: SweepSpec, rel: str, run) -> dict[str,
     from mask.vectors import vectors_for
 
     cfg, store = ctx.cfg, ctx.store
-    h = inputs_hash(cfg, spec)
+    h = inputs_hash(cfg, spec, store)
     if store.committed(rel, h) is not None:
         logger.info("sweep inputs %s are committed; reused", store.uri(rel))
         return read_inputs(store, rel)
@@ -129,7 +143,8 @@ def prepare_inputs(ctx: JobContext, spec: SweepSpec, rel: str, run) -> dict[str,
         from mask.pipeline.gallery import load_base_scores
 
         caption_ids = caps.column("caption_id").to_pylist()
-        bs = load_base_scores(cfg.rerank.base_scores, image_ids, caption_ids, cfg.storage.options)
+        bs = load_base_scores(cfg.rerank.base_scores, image_ids, caption_ids, cfg.storage.options,
+                              artifact=_base_artifact(cfg, store))
         base = bs.matrix
         base_info = {"kind": "file", "description": f"rerank.base_scores {cfg.rerank.base_scores}",
                      "directions": list(bs.directions), "missing": int(bs.missing)}
