@@ -496,20 +496,23 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
             continue
         ws = np.zeros((len(ids), v), np.float32)
         old = np.asarray([x in live_rows for x in ids], bool)
+        need = ~old | (old & bool(new_cols.size))  # rows that need μ: new images; all when words are new
+        if need.any():  # one read of μ for this chunk
+            m_all, mask_all = mu_of([x for x, k in zip(ids, need, strict=True) if k])
+            at = {j: i for i, j in enumerate(np.flatnonzero(need))}
         if old.any():
             rows = np.asarray([live_rows[x] for x, o in zip(ids, old, strict=True) if o], np.int64)
             ws[np.ix_(old, old_cols)] = live_ws[np.ix_(rows, src_cols)]
             if new_cols.size:  # new words for unchanged images
-                ids_old = [x for x, o in zip(ids, old, strict=True) if o]
-                m, mask = mu_of(ids_old)
-                ws[np.ix_(old, new_cols)] = pooled_word_scores(m, mask, protos[new_cols], pooling=cfg.scoring.pooling)
-                computed_cells += len(ids_old) * new_cols.size
+                sel = [at[j] for j in np.flatnonzero(old)]
+                ws[np.ix_(old, new_cols)] = pooled_word_scores(m_all[sel], mask_all[sel], protos[new_cols],
+                                                               pooling=cfg.scoring.pooling)
+                computed_cells += len(sel) * new_cols.size
         if (~old).any():  # new images: every word
-            ids_new = [x for x, o in zip(ids, old, strict=True) if not o]
-            m, mask = mu_of(ids_new)
-            ws[~old] = pooled_word_scores(m, mask, protos, pooling=cfg.scoring.pooling)
-            computed_rows += len(ids_new)
-            computed_cells += len(ids_new) * v
+            sel = [at[j] for j in np.flatnonzero(~old)]
+            ws[~old] = pooled_word_scores(m_all[sel], mask_all[sel], protos, pooling=cfg.scoring.pooling)
+            computed_rows += len(sel)
+            computed_cells += len(sel) * v
         scorer.add_word_scores(np.asarray(ids, object), ws, ok)
     res = scorer.result()
     timings["scoring"] = time.perf_counter() - t0
