@@ -260,6 +260,10 @@ def test_sweep_logs_nested_runs_with_grid_metrics(swept):
         for term in ("epoch.loss_ir", "epoch.loss_cm", "epoch.loss_cl"):
             assert term in r.data.metrics
         met = r.data.metrics
+        # the modality-gap measures of the trial's MTM, per evaluation
+        assert "gap.skipped" not in met
+        assert met["gap.prototype.cos_r1"] >= 0 and met["gap.prototype.w2_exact"] > 0
+        assert len(c.get_metric_history(r.info.run_id, "gap.prototype.w2_exact")) == done
         names = [f"grid.m_{m}.{k}" for m in m_grid for k in METRICS]
         names += [f"grid.m_{m}.alpha_{a}.k_5.{k}" for m in m_grid for a in ("0.15", "1") for k in METRICS]
         names += [f"grid.base.{k}" for k in METRICS]

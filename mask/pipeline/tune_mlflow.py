@@ -100,7 +100,8 @@ class MlflowTrialRuns(Callback):
         for h in json.loads(result.get("history_json", "[]")):
             run.log_metrics({f"epoch.{k}": v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
         metrics = {"val.rsum": result[SCORE], "eval_seconds": result.get("eval_seconds", 0.0)}
-        metrics.update({k: v for k, v in result.items() if k.startswith("best.") and isinstance(v, int | float)})
+        metrics.update({k: v for k, v in result.items()
+                        if k.startswith(("best.", "gap.")) and isinstance(v, int | float)})
         run.log_metrics(metrics, step=epoch)
         logger.info("trial %s epoch %d/%d: val Rs %.1f (best of the grid: m=%s alpha=%s k=%s), eval %.1fs",
                     trial.trial_id, epoch + 1, self.epochs, result[SCORE], result.get("best_m"),

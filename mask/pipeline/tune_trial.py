@@ -382,6 +382,20 @@ def _device(setup: TrialSetup) -> torch.device:
     return torch.device("cuda" if setup.gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
+def _gap(table, module) -> dict[str, float]:
+    """The modality-gap measures (:func:`mask.alignment.gap_measures`) of the trial's MTM on its knowledge."""
+    from mask.alignment import gap_measures
+
+    try:
+        with torch.no_grad():
+            return {k: float(v) for k, v in gap_measures(table, module.net.mtm.cpu()).items()}
+    except Exception as e:  # noqa: BLE001 - a measure that cannot run must not fail the trial
+        logger.warning("trial: modality-gap measures skipped (%s)", e)
+        return {"gap.skipped": 1.0}
+    finally:
+        module.net.mtm.to(next(module.parameters()).device)
+
+
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: train with the sampled config, report the validation grid with checkpoints.
 
@@ -429,7 +443,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         table = knowledge_table(pae, data, cfg)
         mu, mask = gallery_mu(pae, val)
         grid = evaluate_grid(cfg, table, mu, mask, val, setup.m, setup.alpha, setup.k, setup.base_m)
-        metrics = {**grid_report(grid), "epoch": epoch, "epochs_done": epoch + 1, "step": step, "start_epoch": start,
+        metrics = {**grid_report(grid), **_gap(table, module), "epoch": epoch, "epochs_done": epoch + 1, "step": step, "start_epoch": start,
                    "eval_seconds": time.perf_counter() - t2, "load_seconds": load_s,
                    "knowledge_words": len(table.words), "history_json": json.dumps(history)}
         with tempfile.TemporaryDirectory() as d:
