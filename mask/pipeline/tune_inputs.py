@@ -10,7 +10,6 @@ parts.  Trials read this artifact and the features from the storage root, never 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -18,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mask.config import MaskConfig
+from mask.pipeline.index import npy_bytes, parquet_bytes
 from mask.pipeline.runtime import JobContext
 from mask.pipeline.tune_trial import INPUTS_KIND
 from mask.storage import StorageError, Store, fingerprint, fingerprint_files
@@ -57,18 +56,6 @@ def _gallery_order(images: pa.Table, captions: pa.Table, ok: set[str]) -> tuple[
     cap_img = captions.column("image_id").to_pylist()
     order = sorted((j for j, x in enumerate(cap_img) if x in pos), key=lambda j: (pos[cap_img[j]], j))
     return image_ids, order, np.asarray([pos[cap_img[j]] for j in order], np.int64)
-
-
-def _parquet(t: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(t, buf)
-    return buf.getvalue()
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
 
 
 def _base_artifact(cfg: MaskConfig, store: Store):
@@ -155,24 +142,24 @@ def prepare_inputs(ctx: JobContext, spec: SweepSpec, rel: str, run) -> dict[str,
     for split, rows in (("val", val), ("test", test)):
         pos = {r: i for i, r in enumerate(rows)}
         cols = [j for j in range(len(texts)) if int(c2i[j]) in pos]
-        files[f"{split}_images.parquet"] = _parquet(pa.table({"image_id": pa.array([image_ids[r] for r in rows],
+        files[f"{split}_images.parquet"] = parquet_bytes(pa.table({"image_id": pa.array([image_ids[r] for r in rows],
                                                                                      pa.string())}))
-        files[f"{split}_captions.parquet"] = _parquet(pa.table({
+        files[f"{split}_captions.parquet"] = parquet_bytes(pa.table({
             "caption_id": pa.array([caps.column("caption_id")[j].as_py() for j in cols], pa.string()),
             "image_id": pa.array([image_ids[int(c2i[j])] for j in cols], pa.string()),
             "image_position": pa.array([pos[int(c2i[j])] for j in cols], pa.int64()),
             "text": pa.array([texts[j] for j in cols], pa.string())}))
         if base is not None and rows:
-            files[f"{split}_base.npy"] = _npy(base[np.ix_(rows, cols)].astype(np.float64))
+            files[f"{split}_base.npy"] = npy_bytes(base[np.ix_(rows, cols)].astype(np.float64))
         counts[split] = {"images": len(rows), "captions": len(cols)}
     vocab = tin.vocab
-    files["vocabulary.parquet"] = _parquet(pa.table({
+    files["vocabulary.parquet"] = parquet_bytes(pa.table({
         "word": pa.array(vocab["words"], pa.string()),
         "vector": pa.array(list(np.asarray(vocab["vectors"], np.float32)), pa.list_(pa.float32())),
         "count": pa.array(np.asarray(vocab["counts"], np.int64))}))
-    files["caption_words.parquet"] = _parquet(pa.table({"text": pa.array(uniq, pa.string()),
+    files["caption_words.parquet"] = parquet_bytes(pa.table({"text": pa.array(uniq, pa.string()),
                                                         "words": pa.array(parsed, pa.list_(pa.string()))}))
-    files["caption_vectors.parquet"] = _parquet(pa.table({
+    files["caption_vectors.parquet"] = parquet_bytes(pa.table({
         "word": pa.array([w for w, f in zip(cap_vocab, found, strict=True) if f], pa.string()),
         "vector": pa.array(list(np.asarray(vecs, np.float32)[found]), pa.list_(pa.float32()))}))
     info = {"dataset": cfg.dataset.name, "features": tin.features_rel, "gallery": cfg.gallery.name,
