@@ -227,11 +227,13 @@ def resolve_and_load_knowledge(cfg: MaskConfig, store: Store, ref: str | None) -
 
 
 def index_version(cfg: MaskConfig, knowledge: ResolvedKnowledge, dataset_hash: str) -> str:
-    """``i-<hash>`` of the knowledge version, the gallery dataset, the features and the scoring config."""
+    """``i-<hash>`` of the index layout, the knowledge version, the gallery dataset, the features and the
+    scoring config (a layout change gives new versions: an older layout is never reused as if current)."""
     from mask.pipeline.extract import extractor_name
+    from mask.pipeline.index import INDEX_LAYOUT
 
     data = cfg.model_dump(mode="json")
-    ident = {"knowledge": [knowledge.uri, knowledge.config_hash], "gallery": dataset_hash,
+    ident = {"layout": INDEX_LAYOUT, "knowledge": [knowledge.uri, knowledge.config_hash], "gallery": dataset_hash,
              "features": extractor_name(cfg.detector), "scoring": data["scoring"], "text": data["text"],
              "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m]}
     return f"i-{fingerprint(ident)[:16]}"

@@ -45,6 +45,8 @@ from mask.storage import Store, fingerprint
 logger = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
+# 2: μ in the shared _mu/ artifact, words.parquet + word_scores.npy per version (1: μ parts in the version)
+INDEX_LAYOUT = 2
 MU_DIR = "_mu"
 LEASE_DIR = "_lease"
 WORD_SCORES = "word_scores.npy"
@@ -551,7 +553,7 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
     metrics = {"index_version": version, "mask": mask_metrics, "metrics_source": source, "coverage": cov,
                "images": n, "captions": t, "dropped_images": order.dropped_images, "dense": write_dense,
                "fill_score": res.fill, "timings": timings, "reuse": reuse}
-    info = {"version": version, "gallery": name, "dataset_hash": gallery["summary"]["config_hash"],
+    info = {"layout": INDEX_LAYOUT, "version": version, "gallery": name, "dataset_hash": gallery["summary"]["config_hash"],
             "knowledge_uri": knowledge.uri, "knowledge_version": knowledge.version,
             "features": store.uri(frel), "extractor": extractor_name(cfg.detector), "mu": mrel, "score_hash": sh,
             "scoring": cfg.scoring.model_dump(mode="json"), "text": cfg.text.model_dump(mode="json"),
