@@ -31,47 +31,12 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-
-class PeakRSS:
-    """Samples the RSS of this process and all its descendants (Ray workers) every 50 ms."""
-
-    def __init__(self):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _rss(self) -> int:
-        total = self.proc.memory_info().rss
-        for c in self.proc.children(recursive=True):
-            try:
-                total += c.memory_info().rss
-            except Exception:  # noqa: BLE001 - a child that just exited
-                pass
-        return total
-
-    def _run(self):
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self):
-        self.base = self._rss()
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def glove_words():
@@ -103,7 +68,7 @@ def make_world(root: str, n_images: int, seed: int = 0):
     pae = save_pae(PAE(2048, 512, num_heads=4, num_layers=3).eval())
     Store(root).path("x")
     save_knowledge(Store(root), "knowledge/k-bench", table, pae, config_hash="bench")
-    total = int(n_images * 1.02) + 1
+    total = n_images + 2 * max(1, n_images // 100)  # two +1 % steps
     images = []
     for i in range(total):
         caps = []
@@ -167,11 +132,14 @@ def config(root: str, gallery_json: str):
 
 
 def timed(fn, *a, **kw):
-    with PeakRSS() as mem:
+    """Wall time and peak RSS of this process and its descendants (Ray workers) while ``fn`` runs."""
+    from bench.extract import TreeMonitor  # the process-tree sampler of the extraction benchmark
+
+    with TreeMonitor(tree=True, interval=0.05) as mem:
         t0 = time.perf_counter()
         out = fn(*a, **kw)
         wall = time.perf_counter() - t0
-    return out, wall, mem.peak
+    return out, wall, mem.peak_rss
 
 
 def from_images(n: int) -> None:
@@ -185,7 +153,7 @@ def from_images(n: int) -> None:
     from mask.pipeline.runtime import init_ray
 
     tmp = tempfile.mkdtemp(prefix="bench-gallery-images-")
-    world = generate_demo_world(os.path.join(tmp, "world"), n_gallery=int(n * 1.02) + 1)
+    world = generate_demo_world(os.path.join(tmp, "world"), n_gallery=n + 2 * max(1, n // 100))
     base = [f"storage.root={tmp}/root", "train.epochs=2", "gallery.name=bench_images", "gallery.kind=karpathy",
             f"gallery.path={world.karpathy_json}", "gallery.splits=null"]
     cfg = load_config("demo", [*base, f"gallery.limit={n}"])
