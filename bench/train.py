@@ -142,7 +142,7 @@ def main() -> None:
 
     cpus = os.cpu_count() or 1
     cfg = load_config("vg", [f"train.epochs={args.epochs}", f"train.batch_size={args.batch}", "train.batch_size_late=null",
-                             "train.late_epoch=null", "train.use_gpu=false", "train.cpus_per_worker=null",
+                             "train.late_epoch=null", "train.use_gpu=false", f"train.cpus_per_worker={cpus}",
                              f"train.checkpoint_every={args.epochs}", "train.log_every=1000000",
                              "tracking.enabled=true"])
     table = make_table(args.images, args.regions, cfg.model.feature_dim, args.vocab)

@@ -45,6 +45,9 @@ class _Strict(BaseModel):
 class StorageConfig(_Strict):
     # Root URI of every artifact: a local path, file://… or s3://bucket/prefix.
     root: str = "./artifacts"
+    # A local root is on a filesystem that every node of the cluster mounts at the same path (NFS, EFS, …).
+    # Without it a local root is refused on a cluster of more than one node (or one that can autoscale).
+    shared_fs: bool = False
     # Extra fsspec options for the filesystem (e.g. {"client_kwargs": {"endpoint_url": …}}).
     # Credentials never go here: they come from the standard environment/AWS chain.
     options: dict[str, Any] = Field(default_factory=dict)
@@ -77,6 +80,45 @@ class RayConfig(_Strict):
     address: str | None = None
     # CPUs for a locally started Ray (None = all).
     num_cpus: int | None = None
+    # Seconds a stage waits for the autoscaler to start a node with the GPUs it asks for before it fails
+    # with a message (a cluster without an autoscaler and without such a node fails at once).
+    resource_wait_s: float = Field(default=900.0, ge=0)
+
+
+#: Fields of an actor pool that change where and how wide a stage runs, never its results.
+POOL_FIELDS = frozenset({"num_gpus", "num_cpus", "min_actors", "max_actors", "device", "cpu_threads"})
+
+
+class ActorPoolConfig(_Strict):
+    """What each actor of one Ray Data stage asks Ray for, and how far the pool may grow.
+
+    Requests come from here, never from the cluster's size when the job starts: on an autoscaling
+    cluster a GPU request is what makes the autoscaler start a GPU node.  The pool starts at
+    ``min_actors`` and grows to ``max_actors`` while work is queued and the cluster has (or gets) room.
+    """
+
+    # GPUs each actor asks Ray for (0 = a CPU actor; 1 = one whole GPU; fractions share a GPU).
+    num_gpus: float = Field(default=0.0, ge=0)
+    # CPUs each actor asks Ray for.
+    num_cpus: float = Field(default=1.0, ge=0)
+    # Autoscaling actor pool: at least min_actors, at most max_actors.
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=4, ge=1)
+    # torch's device inside the actor: auto = CUDA when the actor has one, else CPU (logged).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch threads per CPU actor (None = the CPUs of the actor's node / max_actors, at least 1).
+    cpu_threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors={self.min_actors} is larger than max_actors={self.max_actors}")
+        return self
+
+    def pool_sizes(self) -> tuple[int, int]:
+        """(min, max) actors; a fixed ``num_actors`` (where the section has one) pins both."""
+        fixed = getattr(self, "num_actors", None)
+        return (fixed, fixed) if fixed else (self.min_actors, self.max_actors)
 
 
 class DatasetConfig(_Strict):
@@ -108,7 +150,7 @@ class VocabularyConfig(_Strict):
     alphabetic: bool = True
 
 
-class DetectorConfig(_Strict):
+class DetectorConfig(ActorPoolConfig):
     # Backend: the built-in BUTD Faster R-CNN (PyTorch + torchvision.ops) or detectron2 (optional).
     backend: Literal["butd", "detectron2"] = "butd"
     # ResNet depth of the BUTD backbone: 101 (v1, caffe) or 152 (v2, pre-activation); smaller for the demo.
@@ -130,12 +172,9 @@ class DetectorConfig(_Strict):
     max_size: int = Field(default=1000, ge=32)
     # RoI pooler output side (reference 14).
     pooler_resolution: int = Field(default=14, ge=1)
-    # Images per detector batch, and detector actors (None = one per GPU, or per 2 CPUs).
+    # Images per detector batch; num_actors pins the pool to a fixed size (None = min_actors..max_actors).
     batch_size: int = Field(default=4, ge=1)
-    num_actors: int | None = None
-    # Torch threads per detector actor on CPU-only clusters (None = the cluster's CPUs shared among the actors;
-    # each actor reserves 1 CPU in Ray, and Ray alone would pin it to OMP_NUM_THREADS=1).
-    cpu_threads: int | None = Field(default=None, ge=1)
+    num_actors: int | None = Field(default=None, ge=1)
     # Restarts of a crashed detector actor, and retries of its in-flight batches (Ray's own; -1 = unlimited).
     max_restarts: int = Field(default=3, ge=-1)
     # Calibrate BN statistics on the input images when the weights are random (demo only).
@@ -164,8 +203,6 @@ class DetectorConfig(_Strict):
     # Classes incl. background (VG: 1601) and attributes incl. "none" (VG: 401; 0 = no attribute head).
     num_classes: int = Field(default=1601, ge=2)
     num_attributes: int = Field(default=401, ge=0)
-    # Where the detector runs: auto = CUDA when available, else CPU.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     # Seeded synthetic scenes used for BN calibration of random weights when no images are passed.
     calibration_images: int = Field(default=16, ge=1)
     # RoIs per chunk through the res5 head (bounds memory; results do not depend on it).
@@ -228,9 +265,10 @@ class TrainConfig(_Strict):
     seed: int = 0
     # Log every loss term to MLflow every this many steps (per-epoch means are always logged).
     log_every: int = Field(default=10, ge=1)
-    # CPUs reserved per Ray Train worker (torch threads follow); None = all CPUs / num_workers on CPU
-    # runs, 1 per GPU worker.
-    cpus_per_worker: int | None = Field(default=None, ge=1)
+    # CPUs each Ray Train worker asks Ray for (with one GPU each when use_gpu).
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    # torch threads per worker (None = at least cpus_per_worker, up to the node's CPUs / num_workers).
+    cpu_threads: int | None = Field(default=None, ge=1)
     # Ray Train run name under <storage root>/train/; None = "train-<hash>" of what determines the
     # training except epochs and run mechanics, so a rerun — also with more epochs — resumes it.
     run_name: str | None = None
@@ -306,7 +344,14 @@ class IndexConfig(_Strict):
     local_max_images: int = Field(default=256, ge=0)
 
 
-class ClipConfig(_Strict):
+class RepresentConfig(ActorPoolConfig):
+    """The μ stage (PAE forward over feature rows): the knowledge pass (eq. 2) and gallery μ."""
+
+    # Images per μ batch.
+    batch_size: int = Field(default=64, ge=1)
+
+
+class ClipConfig(ActorPoolConfig):
     # open_clip architecture: a built-in name (ViT-B-32, RN50, …), "hf-hub:org/repo", "local-dir:/path",
     # or the name under which `architecture` is registered.
     model: str = "ViT-B-32"
@@ -317,7 +362,7 @@ class ClipConfig(_Strict):
     architecture: dict[str, Any] | None = None
     # Images (and captions) per batch through each tower.
     batch_size: int = Field(default=64, ge=1)
-    # CLIP actors (None = one per GPU, or per 2 CPUs).
+    # A fixed number of CLIP actors (None = the pool grows from min_actors to max_actors).
     num_actors: int | None = Field(default=None, ge=1)
     # Weight precision on GPU actors; CPU actors always run fp32 (logged).
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -345,6 +390,7 @@ class MaskConfig(_Strict):
     rerank: RerankConfig = Field(default_factory=RerankConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)
+    represent: RepresentConfig = Field(default_factory=RepresentConfig)
     seed: int = 0
 
     def hash(self, *sections: str) -> str:

@@ -1,7 +1,8 @@
 """Base-model scores for re-ranking (eq. 15): a CLIP similarity matrix of a gallery, on Ray Data.
 
 Images: read + decode + CLIP preprocessing in CPU tasks → CLIP image tower in an actor pool (one
-model per actor; ``num_gpus=1`` per actor when the cluster has GPUs, CPU otherwise).  Captions: the
+model per actor; each actor asks for ``clip.num_gpus`` / ``clip.num_cpus``, the pool grows from
+``clip.min_actors`` to ``clip.max_actors``).  Captions: the
 text tower, batched, in the same pass and the same actors (rows carry a ``kind``), so each actor loads
 the model once.  The driver gathers the L2-normalised embeddings and writes the cosine-similarity
 matrix (a dense matrix: ~0.5 GB for COCO 5k × 25k).
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mask.config import ClipConfig, MaskConfig
+from mask.config import POOL_FIELDS, ClipConfig, MaskConfig
 from mask.storage import Store, fingerprint, fingerprint_files, parse_uri, redact_text
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 SCORES_FILE = "scores.npy"
 IDS_FILE = "ids.json"
 #: ClipConfig fields that change how the job runs, never the scores: left out of the artifact identity.
-EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "max_pixels"})
+EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "max_pixels"}) | POOL_FIELDS
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
@@ -326,12 +327,10 @@ class ClipStage:
 
     def __init__(self, clip_cfg: dict[str, Any], seed: int, storage_options: dict[str, Any],
                  preprocess_cfg: dict[str, Any], cpu_threads: int | None = None):
-        import torch
+        from mask.pipeline.resources import actor_device
 
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         clip = ClipConfig.model_validate(clip_cfg)
+        self.device = actor_device(clip.device, "clip", cpu_threads or clip.cpu_threads, clip.pool_sizes()[1]).type
         self.model, _, self.tokenizer = load_clip(clip, seed, storage_options, self.device)
         actual = _jsonable(dict(self.model.visual.preprocess_cfg))
         if actual != preprocess_cfg:
@@ -442,18 +441,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _actors_and_threads(clip: ClipConfig) -> tuple[int, int, int | None]:
-    import ray
-
-    from mask.pipeline.runtime import cluster_gpus
-
-    gpus = cluster_gpus()
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    n_actors = clip.num_actors or max(1, gpus or cpus // 2)
-    threads = None if gpus else max(1, cpus // n_actors)
-    return gpus, n_actors, threads
-
-
 def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.Table, captions: pa.Table,
                         tracker: Any = None) -> dict[str, Any]:
     """The CLIP similarity matrix of a gallery, committed under ``base_scores/<gallery>/<model-tag>/``.
@@ -493,7 +480,9 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
 
     init_ray(cfg)
     t0 = time.perf_counter()
-    gpus, n_actors, threads = _actors_and_threads(clip)
+    from mask.pipeline.resources import ensure_gpus, pool_args
+
+    ensure_gpus(cfg, "clip.num_gpus", clip.num_gpus)
     pcfg = preprocess_config(clip)
     bs = clip.batch_size
     opts = cfg.storage.options
@@ -511,9 +500,8 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
     ds = ds.map_batches(decode_clip_batch, fn_kwargs={"storage_options": opts, "preprocess_cfg": pcfg,
                                                       "max_pixels": clip.max_pixels},
                         batch_size=bs, batch_format="pyarrow", num_cpus=0.5)
-    ds = ds.map_batches(ClipStage, fn_constructor_args=(clip.model_dump(mode="json"), cfg.seed, opts, pcfg, threads),
-                        batch_size=bs, batch_format="pyarrow", num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-                        compute=ray.data.ActorPoolStrategy(size=n_actors))
+    ds = ds.map_batches(ClipStage, fn_constructor_args=(clip.model_dump(mode="json"), cfg.seed, opts, pcfg, None),
+                        batch_size=bs, batch_format="pyarrow", **pool_args(clip))
     emb: dict[str, np.ndarray] = {}
     txt: dict[str, np.ndarray] = {}
     errors: list[dict[str, str]] = []
@@ -544,8 +532,8 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
                "pretrained": _weights_label(clip.pretrained), "shape": list(scores.shape),
                "images": len(all_ids), "scored_images": len(rows), "errors": len(errors),
                "errors_by_kind": dict(sorted(kinds.items())), "captions": len(caption_ids_all),
-               "excluded_captions": len(excluded_caps), "embedding_dim": dim, "actors": n_actors,
-               "gpus_per_actor": 1 if gpus else 0, "seconds": round(secs, 3),
+               "excluded_captions": len(excluded_caps), "embedding_dim": dim,
+               "actors": list(clip.pool_sizes()), "gpus_per_actor": clip.num_gpus, "seconds": round(secs, 3),
                "inputs_per_s": round((n_img + n_cap) / secs, 3) if secs > 0 else 0.0}
     run_id = getattr(tracker, "run_id", None)
     from mask.pipeline.extract import ERRORS_SCHEMA

@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from mask import tracking
 from mask.config import MaskConfig
-from mask.pipeline.runtime import JobContext, cluster_gpus, init_ray
+from mask.pipeline.resources import ensure_gpus
+from mask.pipeline.runtime import JobContext, init_ray
 from mask.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def training_dataset(store: Store, features_rel_: str, region_words: dict[str, l
 #: TrainConfig fields that change how a run executes or how long it goes, not the trajectory it
 #: follows: left out of the default run name, so a rerun with more epochs continues the same run.
 TRAIN_RUN_MECHANICS = frozenset({"epochs", "checkpoint_every", "max_failures", "log_every", "num_workers",
-                                 "use_gpu", "cpus_per_worker", "run_name"})
+                                 "use_gpu", "cpus_per_worker", "cpu_threads", "run_name"})
 
 
 def train_run_name(cfg: MaskConfig, features_rel_: str) -> str:
@@ -238,17 +239,9 @@ def train_run_name(cfg: MaskConfig, features_rel_: str) -> str:
     return cfg.train.run_name or f"train-{fingerprint(ident)[:16]}"
 
 
-def _cpus_per_worker(cfg: MaskConfig) -> int:
-    import ray
-
-    t = cfg.train
-    if t.cpus_per_worker is not None:
-        return t.cpus_per_worker
-    if t.use_gpu:
-        return 1
-    total = int(ray.cluster_resources().get("CPU", 1))
-    per_node = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1])
-    return max(1, min(per_node, total // t.num_workers))
+def _cpus_per_worker(cfg: MaskConfig) -> float:
+    """CPUs each Ray Train worker asks for: ``train.cpus_per_worker`` (config, not the cluster's size)."""
+    return cfg.train.cpus_per_worker
 
 
 def _checkpoint_uri(store: Store, path: str) -> str:
@@ -350,6 +343,7 @@ def run_training(ctx: JobContext, ds, stats: dict[str, int], word_vectors: np.nd
     prior = resume_point(ctx, run_name, module)
     if prior is not None:
         logger.info("training run %s: continuing after epoch %d from %s", run_name, prior["epoch"] + 1, prior["uri"])
+    ensure_gpus(cfg, "train.use_gpu", 1 if cfg.train.use_gpu else 0)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "word_vectors": word_vectors,
@@ -540,11 +534,11 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
         else:
             pae_bytes, tsum = train_model(ctx, inputs, run, uri)
             summary["training"] = tsum
-            gpus = cluster_gpus()
+            ensure_gpus(cfg, "represent.num_gpus", cfg.represent.num_gpus)
             feats = features_dataset(store, inputs.features_rel,
                                      ["image_id", "features", "num_boxes", "feature_dim", "region_ids"])
             acc = knowledge_pass(feats, pae_bytes, inputs.word_index, inputs.region_words, cfg.model.latent_dim,
-                                 cfg.seed, num_gpus=1 if gpus else 0)
+                                 cfg.seed, cfg.represent)
             protos, counts, missing = acc.prototypes()
             samples = acc.samples()
             seen = ~missing

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mask.config import DetectorConfig, MaskConfig
+from mask.config import POOL_FIELDS, DetectorConfig, MaskConfig
 from mask.storage import Store, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ FAULT_ENV = "MASK_FAULT_INJECT"
 
 #: Detector fields that change how extraction runs, never what it produces (images are batched by
 #: equal shape without padding, RoI chunks do not change results): left out of the artifact name.
-EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "cpu_threads", "max_restarts", "device", "roi_chunk"})
+EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "max_restarts", "roi_chunk"}) | POOL_FIELDS
 
 FEATURES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -171,15 +171,15 @@ class DetectStage:
 
     def __init__(self, det_cfg: dict[str, Any], weights: tuple[str, dict, str] | None,
                  cpu_threads: int | None = None, fault: str = ""):
-        import torch
-
         from mask.features.extractor import RegionExtractor
+        from mask.pipeline.resources import actor_device, node_id
 
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
         self.fault = fault
         self.batches = 0
         cfg = DetectorConfig.model_validate(det_cfg)
+        device = actor_device(cfg.device, "detector", cpu_threads or cfg.cpu_threads, cfg.pool_sizes()[1])
+        cfg = cfg.model_copy(update={"device": device.type})
+        self.node = node_id()
         state = None
         if weights is not None:  # (storage root, options, artifact) of committed detector weights
             root, options, rel = weights
@@ -211,7 +211,9 @@ class DetectStage:
                         results[i] = self.extractor.extract_prepared([blobs[j]], [scales[j]], [sizes[j]], b)[0]
                     except Exception as e1:  # recorded as this image's error
                         results[i] = {"error": f"{type(e1).__name__}: {e1}"}
-        return _detect_columns(batch, results, self.given)
+        out = _detect_columns(batch, results, self.given)
+        # provenance: the node this batch was detected on (not a features column; the write stage reports it)
+        return out.append_column("detect_node", pa.array([self.node] * out.num_rows, pa.string()))
 
 
 def _detect_columns(batch: dict[str, Any], results: dict[int, dict], given: bool) -> pa.Table:
@@ -323,9 +325,11 @@ def write_batch(batch: pa.Table, root: str, options: dict[str, Any], rel: str, r
     kinds: dict[str, int] = {}
     for st, er in zip(bad["stage"].to_pylist(), bad["error"].to_pylist(), strict=True):
         kinds[f"{st}.{er}"] = kinds.get(f"{st}.{er}", 0) + 1
+    node = batch["detect_node"][0].as_py() if "detect_node" in batch.column_names and batch.num_rows else ""
     return {"part": np.array([out_name]), "rows": np.array([good.num_rows]),
             "errors_part": np.array([err_name]), "error_rows": np.array([bad.num_rows]),
-            "error_kinds": np.array([json.dumps(kinds, sort_keys=True)])}
+            "error_kinds": np.array([json.dumps(kinds, sort_keys=True)]),
+            "node": np.array([node])}
 
 
 def committed_image_ids(store: Store, rel: str) -> set[str]:
@@ -361,7 +365,7 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
     """
     import ray
 
-    from mask.pipeline.runtime import cluster_gpus
+    from mask.pipeline.resources import ensure_gpus, pool_args
 
     det = det or cfg.detector
     rel = features_rel(dataset, det)
@@ -387,11 +391,9 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
                 schema=ERRORS_SCHEMA, inputs={"dataset": dataset}, tracker=tracker)
 
     if todo.num_rows:
-        gpus = cluster_gpus()
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        n_actors = det.num_actors or max(1, gpus or cpus // 2)
-        threads = None if gpus else (det.cpu_threads or max(1, cpus // n_actors))
-        summary.update(actors=n_actors, gpus_per_actor=1 if gpus else 0, cpu_threads_per_actor=threads or 0)
+        ensure_gpus(cfg, "detector.num_gpus", det.num_gpus)
+        lo, hi = det.pool_sizes()
+        summary.update(min_actors=lo, max_actors=hi, gpus_per_actor=det.num_gpus, cpus_per_actor=det.num_cpus)
         run_dir = f"run-{uuid.uuid4().hex[:12]}"
         weights = None if detector_weights is None else (cfg.storage.root, cfg.storage.options, detector_weights)
         bs = det.batch_size
@@ -408,9 +410,8 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
             # remote-args kwargs that carry them are deprecated (removal announced for Ray 2.64).
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
             ds = ds.map_batches(DetectStage,
-                                fn_constructor_args=(det.model_dump(), weights, threads, os.environ.get(FAULT_ENV, "")),
-                                batch_size=bs, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-                                compute=ray.data.ActorPoolStrategy(size=n_actors), **retries)
+                                fn_constructor_args=(det.model_dump(), weights, None, os.environ.get(FAULT_ENV, "")),
+                                batch_size=bs, **pool_args(det), **retries)
         ds = ds.map_batches(write_batch, fn_kwargs={"root": cfg.storage.root, "options": cfg.storage.options,
                                                     "rel": rel, "run_dir": run_dir},
                             batch_size=bs, batch_format="pyarrow", num_cpus=0.25)
@@ -423,6 +424,9 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
             commit()
             raise
     secs = time.perf_counter() - t0
+    by_node: dict[str, int] = {}
+    for m in metas:
+        by_node[str(m.get("node", ""))] = by_node.get(str(m.get("node", "")), 0) + 1
     n_ok = int(sum(m["rows"] for m in metas))
     n_err = int(sum(m["error_rows"] for m in metas))
     kinds: dict[str, int] = {}
@@ -431,6 +435,9 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
             kinds[k] = kinds.get(k, 0) + v
     commit()
     summary.update(extracted=n_ok, errors=n_err, errors_by_kind=dict(sorted(kinds.items())),
+                   batches_by_node=dict(sorted(by_node.items())), nodes=len(by_node),
+                   batch_nodes=[{"node": str(m.get("node", "")), "part": str(m["part"] or m["errors_part"]),
+                                 "images": int(m["rows"]) + int(m["error_rows"])} for m in metas],
                    seconds=round(secs, 3),
                    images_per_s=round((n_ok + n_err) / secs, 3) if secs > 0 and metas else 0.0)
     if tracker is not None:
@@ -440,7 +447,7 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
         tracker.log_metrics(metrics)
         if hasattr(tracker, "log_dict"):
             tracker.log_dict(summary, f"extract_{dataset}.json")
-    logger.info("features %s: %s", dataset, summary)
+    logger.info("features %s: %s", dataset, {k: v for k, v in summary.items() if k != "batch_nodes"})
     return summary
 
 

@@ -109,7 +109,7 @@ def gallery_inputs(ctx: JobContext, run, pae_bytes: bytes, det_weights: str | No
     from mask.pipeline.build import ensure_dataset
     from mask.pipeline.extract import features_rel, run_extraction
     from mask.pipeline.represent import image_representations
-    from mask.pipeline.runtime import cluster_gpus
+    from mask.pipeline.resources import ensure_gpus
 
     cfg = ctx.cfg
     if cfg.gallery is None:
@@ -131,7 +131,8 @@ def gallery_inputs(ctx: JobContext, run, pae_bytes: bytes, det_weights: str | No
         raise GalleryError(f"gallery {cfg.gallery.name}: no image has region features ({ctx.store.uri(frel)})")
     ds = ray.data.read_parquet(paths, filesystem=ctx.store.pyarrow_filesystem(), partitioning=None) \
         .select_columns(["image_id", "features", "num_boxes", "feature_dim"])
-    mu = image_representations(ds, pae_bytes, num_gpus=1 if cluster_gpus() else 0)
+    ensure_gpus(cfg, "represent.num_gpus", cfg.represent.num_gpus)
+    mu = image_representations(ds, pae_bytes, cfg.represent)
     t["mu"] = time.perf_counter() - t0
     ok = set(mu.column("image_id").to_pylist())
     order = gallery_order(gallery["images"], gallery["captions"], ok, cfg.gallery.name)

@@ -257,7 +257,7 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
         ``{"computed", "reused", "where", "seconds"}``.
     """
     from mask.pipeline.represent import MuStage, image_representations, mu_table
-    from mask.pipeline.runtime import cluster_gpus
+    from mask.pipeline.resources import ensure_gpus
 
     t0 = time.perf_counter()
     store = ctx.store
@@ -282,7 +282,8 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
 
         paths = [u[len("s3://"):] if u.startswith("s3://") else u for u in store.part_uris(frel)]
         ds = ray.data.read_parquet(paths, filesystem=store.pyarrow_filesystem(), partitioning=None).select_columns(cols)
-        table = image_representations(ds, pae_bytes, num_gpus=1 if cluster_gpus() else 0, keep_ids=need)
+        ensure_gpus(ctx.cfg, "represent.num_gpus", ctx.cfg.represent.num_gpus)
+        table = image_representations(ds, pae_bytes, ctx.cfg.represent, keep_ids=need)
         out["where"] = "ray-data"
     got = set(table.column("image_id").to_pylist())
     lost = [i for i in need if i not in got]

@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mask.config import RepresentConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,14 +28,12 @@ class MuStage:
 
     def __init__(self, pae_bytes: bytes, word_index: dict[str, int] | None = None,
                  region_words: dict[str, list[str]] | None = None, mode: str = "images", seed: int = 0,
-                 keep_ids: list[str] | None = None, threads: int | None = None):
+                 keep_ids: list[str] | None = None, threads: int | None = None, device: str = "auto",
+                 max_actors: int | None = None):
         from mask.models import load_pae
+        from mask.pipeline.resources import actor_device
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if threads and self.device.type == "cpu":  # Ray pins an actor's torch to 1 thread otherwise
-            import os
-
-            torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
+        self.device = actor_device(device, "represent", threads, max_actors)
         self.pae = load_pae(pae_bytes).to(self.device).eval()
         self.mode = mode
         self.word_index = word_index or {}
@@ -115,18 +115,19 @@ def _sample_key(seed: int, region_id: str, word: int) -> int:
 
 def knowledge_pass(features_ds, pae_bytes: bytes, word_index: dict[str, int],
                    region_words: dict[str, list[str]], latent_dim: int, seed: int,
-                   concurrency: int = 1, num_gpus: float = 0, batch_size: int = 64, threads: int | None = None):
+                   pool: RepresentConfig | None = None):
     """Eq. 2 over every VG region in one streaming pass; returns a merged PrototypeAccumulator.
 
-    ``threads``: torch threads per CPU actor (None: the cluster's CPUs / ``concurrency``)."""
+    ``pool``: the μ stage's resources and pool sizes (``represent`` config; None = its defaults)."""
     from mask.knowledge import PrototypeAccumulator
+    from mask.pipeline.resources import pool_args
 
+    pool = pool or RepresentConfig()
     acc = PrototypeAccumulator(len(word_index), latent_dim, seed=seed)
-    threads = _cpu_threads(threads, concurrency, num_gpus)
     ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, word_index, region_words, "partials", seed,
-                                                               None, threads),
-                                 batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
-                                 batch_format="numpy")
+                                                               None, pool.cpu_threads, pool.device,
+                                                               pool.pool_sizes()[1]),
+                                 batch_size=pool.batch_size, batch_format="numpy", **pool_args(pool))
     for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if len(part["word_id"]):
             acc.merge_partial(part["word_id"], np.stack(part["sum"]), part["count"], part["key"],
@@ -134,26 +135,18 @@ def knowledge_pass(features_ds, pae_bytes: bytes, word_index: dict[str, int],
     return acc
 
 
-def _cpu_threads(threads: int | None, concurrency: int, num_gpus: float) -> int | None:
-    if threads is not None or num_gpus:
-        return threads
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, concurrency))
-
-
-def image_representations(features_ds, pae_bytes: bytes, concurrency: int = 1, num_gpus: float = 0,
-                          batch_size: int = 64, keep_ids: list[str] | None = None,
-                          threads: int | None = None) -> pa.Table:
+def image_representations(features_ds, pae_bytes: bytes, pool: RepresentConfig | None = None,
+                          keep_ids: list[str] | None = None) -> pa.Table:
     """μ per image (``image_id, mu (list<float32> n×Z), num_boxes, latent_dim``); only ``keep_ids`` when given.
 
-    ``threads``: torch threads per CPU actor (None: the cluster's CPUs / ``concurrency``, at most the
-    actor's machine's cores). Actors reserve 1 CPU each so Ray Data's read tasks keep a CPU.
+    ``pool``: the μ stage's resources and pool sizes (``represent`` config; None = its defaults).
     """
-    threads = _cpu_threads(threads, concurrency, num_gpus)
-    ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, None, None, "images", 0, keep_ids, threads),
-                                 batch_size=batch_size,
-                                 concurrency=concurrency, num_gpus=num_gpus, batch_format="numpy")
+    from mask.pipeline.resources import pool_args
+
+    pool = pool or RepresentConfig()
+    ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, None, None, "images", 0, keep_ids,
+                                                               pool.cpu_threads, pool.device, pool.pool_sizes()[1]),
+                                 batch_size=pool.batch_size, batch_format="numpy", **pool_args(pool))
     return mu_table(ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 

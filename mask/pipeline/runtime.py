@@ -41,13 +41,10 @@ def init_ray(cfg: MaskConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.verbose_stats_logs = False
+    # before any work: a node-local storage root on a multi-node / autoscaling cluster is refused
+    from mask.pipeline.resources import check_storage_reachable
 
-
-def cluster_gpus() -> int:
-    """GPUs Ray sees in the cluster (0 on CPU-only machines)."""
-    import ray
-
-    return int(ray.cluster_resources().get("GPU", 0))
+    check_storage_reachable(cfg)
 
 
 @dataclass

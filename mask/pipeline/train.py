@@ -370,12 +370,15 @@ def _maybe_inject_fault(epoch: int, spec: str) -> None:
         os._exit(1)
 
 
-def _worker_threads() -> int:
-    """Give torch the CPUs Ray assigned to this worker (Ray exports OMP_NUM_THREADS; make it explicit)."""
+def _worker_threads(cpu_threads: int | None = None, workers: int = 1) -> int:
+    """torch threads of this worker: ``train.cpu_threads``, else at least the CPUs Ray assigned it and up
+    to the CPUs of its node / the run's workers (Ray exports OMP_NUM_THREADS=assigned; make it explicit)."""
     import ray
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    n = max(1, int(cpus))
+    from mask.pipeline.resources import _node_cpus
+
+    assigned = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)))
+    n = cpu_threads or max(assigned, _node_cpus() // max(1, workers))
     torch.set_num_threads(n)
     return n
 
@@ -400,13 +403,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = MaskConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = _worker_threads()
+    threads = _worker_threads(cfg.train.cpu_threads, world)
     torch.manual_seed(cfg.train.seed + rank)
     wv_np = np.asarray(config["word_vectors"], np.float32)  # (V, N)
     module = TrainModule(cfg, wv_np.shape[0])
-    model = ray.train.torch.prepare_model(module)  # DDP when world > 1; moves to the device
-    inner: TrainModule = model.module if hasattr(model, "module") else model
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # a GPU worker whose torch sees no CUDA (a fake GPU node of the simulated cluster, a driver problem)
+        logger.warning("train worker %d: Ray assigned GPU(s) %s but torch sees no CUDA device; training on the "
+                       "CPU", rank, ray.get_gpu_ids())
+        device = torch.device("cpu")
+    else:
+        logger.info("train worker %d on %s (node %s)", rank, device, ray.get_runtime_context().get_node_id())
+    model = ray.train.torch.prepare_model(module, move_to_device=device)  # DDP when world > 1
+    inner: TrainModule = model.module if hasattr(model, "module") else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     start_epoch, step, resumes = 0, 0, 0
     # every rank loads the same weights after DDP wrapping, so they stay identical; the optimiser

@@ -156,7 +156,7 @@ def materialise_knowledge(ctx: JobContext, bcfg: MaskConfig, checkpoint, info: d
     from mask.models import save_pae
     from mask.pipeline.build import features_dataset, region_word_map
     from mask.pipeline.represent import knowledge_pass
-    from mask.pipeline.runtime import cluster_gpus
+    from mask.pipeline.resources import ensure_gpus
     from mask.pipeline.train import TrainModule, load_checkpoint_dir
     from mask.pipeline.tune_trial import _parquet_file
 
@@ -177,8 +177,8 @@ def materialise_knowledge(ctx: JobContext, bcfg: MaskConfig, checkpoint, info: d
     regions = store.read_table(dataset_rel(info["dataset"], "regions"), columns=["region_id", "words"])
     region_words = region_word_map(regions, word_index)
     feats = features_dataset(store, info["features"], ["image_id", "features", "num_boxes", "feature_dim", "region_ids"])
-    acc = knowledge_pass(feats, pae, word_index, region_words, bcfg.model.latent_dim, bcfg.seed,
-                         num_gpus=1 if cluster_gpus() else 0)
+    ensure_gpus(bcfg, "represent.num_gpus", bcfg.represent.num_gpus)
+    acc = knowledge_pass(feats, pae, word_index, region_words, bcfg.model.latent_dim, bcfg.seed, bcfg.represent)
     protos, counts, missing = acc.prototypes()
     seen = ~missing
     table = KnowledgeTable(words=[w for w, s in zip(words, seen, strict=True) if s], counts=counts[seen],
