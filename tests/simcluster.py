@@ -105,19 +105,32 @@ class SimCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dash}"
 
-    def start(self) -> SimCluster:
+    def start(self, attempts: int = 4) -> SimCluster:
+        """Start the head; on a loaded machine ``ray start`` can miss Ray's fixed 30 s raylet start-up
+        window and exit, so a head that exits before "Ray runtime started" is started again."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "autoscaling.yaml"
-        cfg.write_text(json.dumps(self.config))  # JSON is YAML
-        self.head = subprocess.Popen(
-            [str(self.bin / "ray"), "start", "--head", "--block", f"--port={self.port}",
-             f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--autoscaling-config={cfg}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", "--disable-usage-stats"],
-            env=self.env, stdout=open(self.workdir / "head.log", "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-        _wait_port(self.dash, timeout=180)
-        self.session_dir = self._session_dir()
-        return self
+        for attempt in range(attempts):
+            self.port, self.dash = _free_port(), _free_port()
+            self.config["provider"]["gcs_address"] = self.address
+            cfg.write_text(json.dumps(self.config))  # JSON is YAML
+            log = self.workdir / f"head-{attempt}.log"
+            self.head = subprocess.Popen(
+                [str(self.bin / "ray"), "start", "--head", "--block", f"--port={self.port}",
+                 f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--autoscaling-config={cfg}",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", "--disable-usage-stats"],
+                env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and self.head.poll() is None \
+                    and b"Ray runtime started" not in log.read_bytes():
+                time.sleep(1)
+            if self.head.poll() is None and b"Ray runtime started" in log.read_bytes():
+                _wait_port(self.dash, timeout=180)
+                self.session_dir = self._session_dir()
+                return self
+            self.stop()  # whatever of this attempt is left, by PID
+        raise RuntimeError(f"the simulated cluster's head did not start in {attempts} attempts "
+                           f"(see {self.workdir}/head-*.log)")
 
     def _session_dir(self) -> str | None:
         """The session directory of this head (its raylet's command line names it)."""

@@ -165,3 +165,26 @@ def test_auto_device_without_cuda_falls_back_to_cpu_and_warns(monkeypatch, caplo
             resources.actor_device("cuda", "detector")
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_readonly_monitor_is_not_an_autoscaler():
+    """A local ray.init() runs the monitor with Ray's readonly provider (anonymous node_<id> types): it
+    cannot add nodes; a cluster-config autoscaler reports its configured node types."""
+    import json
+
+    from mask.pipeline.resources import _has_node_types
+
+    local = {"autoscaler_report": {"active_nodes": {"node_0123abcd": 1}, "idle_nodes": None,
+                                   "node_type_mapping": {"0123abcd": "node_0123abcd"}}}
+    fake = {"autoscaler_report": {"active_nodes": {"ray.head.default": 1}, "idle_nodes": None,
+                                  "node_type_mapping": {"fff00000": "ray.head.default"}}}
+    assert not _has_node_types(json.dumps(local).encode())
+    assert _has_node_types(json.dumps(fake).encode())
+    assert not _has_node_types(None) and not _has_node_types(b"not json")
+
+
+def test_a_local_ray_is_not_multi_node(ray_local):
+    from mask.pipeline import resources
+
+    assert not resources.autoscaler_running()
+    resources.check_storage_reachable(load_config())  # ./artifacts on a local Ray: allowed

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mask import tracking
 from mask.config import MaskConfig
@@ -51,14 +52,17 @@ def demo_root(ctx: JobContext) -> str:
     return local
 
 
-def ensure_dataset(ctx: JobContext, dcfg, run_id: str | None) -> dict[str, pa.Table]:
-    """Ingest a dataset (reusing a committed one) and return its tables."""
+def ensure_dataset(ctx: JobContext, dcfg, run_id: str | None, skip: tuple[str, ...] = ()) -> dict[str, pa.Table]:
+    """Ingest a dataset (reusing a committed one) and return its tables (except those in ``skip``:
+    the training reads ``regions`` part by part where it needs them, never whole in the driver)."""
     from mask.datasets import dataset_rel, ingest_dataset
 
     droot = demo_root(ctx) if dcfg.kind == "demo" and dcfg.path is None else None
     summary = ingest_dataset(ctx.store, dcfg, ctx.cfg.storage.options, droot, mlflow_run_id=run_id)
     out = {"summary": summary}
     for t in ("images", "regions", "captions", "_errors"):
+        if t in skip:
+            continue
         if ctx.store.manifest(dataset_rel(dcfg.name, t)) is not None:
             out[t] = ctx.store.read_table(dataset_rel(dcfg.name, t))
     return out
@@ -202,9 +206,11 @@ def training_dataset(store: Store, features_rel_: str, region_words: dict[str, l
     """
     import ray.data
 
+    from mask.pipeline.regionwords import RegionWords
     from mask.pipeline.train import PairJoin
 
-    ids = {rid: [word_index[w] for w in ws] for rid, ws in region_words.items()}
+    ids = region_words if isinstance(region_words, RegionWords) else \
+        {rid: [word_index[w] for w in ws] for rid, ws in region_words.items()}
     ds = features_dataset(store, features_rel_, ["image_id", "features", "num_boxes", "feature_dim", "region_ids"])
     ds = ds.map_batches(PairJoin, fn_constructor_args=(ids,), batch_size=256,
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").materialize()
@@ -414,25 +420,35 @@ class TrainingInputs:
 
 def prepare_training_inputs(ctx: JobContext, run) -> TrainingInputs:
     """Dataset → detector → features on the ground-truth boxes → vocabulary (each reused when committed)."""
+    from mask.datasets import dataset_rel
     from mask.pipeline.extract import features_rel, run_extraction
+    from mask.pipeline.regionwords import RegionWords, iter_parts
     from mask.vectors import load_vectors
 
     cfg, store = ctx.cfg, ctx.store
     summary: dict[str, Any] = {}
-    # 1. datasets
-    train = ensure_dataset(ctx, cfg.dataset, run.run_id)
+    # 1. datasets (the regions stay in storage: read part by part where they are needed)
+    train = ensure_dataset(ctx, cfg.dataset, run.run_id, skip=("regions",))
     summary["dataset"] = train["summary"]
-    if train.get("regions") is None or not train["regions"].num_rows:
+    regions_rel = dataset_rel(cfg.dataset.name, "regions")
+    m = store.manifest(regions_rel)
+    if m is None or not m.get("row_count"):
         raise ValueError(f"dataset {cfg.dataset.name} has no region annotations; training needs VG-style regions")
     # 2. detector + features on ground-truth boxes (the knowledge is built on those)
     images = train["images"]
     det_weights = ensure_detector(ctx, images.column("uri").to_pylist()[:16])
     given = cfg.detector.model_copy(update={"mode": "given"})
-    summary["features"] = run_extraction(cfg, store, cfg.dataset.name, images, train.get("regions"),
+
+    def regions_of(image_ids: list[str]) -> pa.Table:  # only the regions of the images still to extract
+        want = pa.array(sorted(set(image_ids)), pa.string())
+        return pa.concat_tables([p.filter(pc.is_in(p["image_id"], value_set=want))
+                                 for p in iter_parts(store, regions_rel, ["image_id", "region_id", "box"])])
+
+    summary["features"] = run_extraction(cfg, store, cfg.dataset.name, images, regions_of,
                                          det_weights, det=given, tracker=run)
-    # 3. vocabulary and word vectors (words without a vector are counted and reported)
+    # 3. vocabulary and word vectors (words without a vector are counted and reported), counted part by part
     kv = load_vectors(cfg.vectors.source, cfg.vectors.format, cfg.vectors.cache_dir)
-    vocab = vocabulary(cfg, train["regions"], kv)
+    vocab = vocabulary(cfg, iter_parts(store, regions_rel, ["words"]), kv)
     summary["vocabulary"] = vocab["report"]
     run.log_metrics({f"vocabulary.{k}": v for k, v in vocab["report"].items() if isinstance(v, int)})
     if vocab["no_vector_words"]:
@@ -440,7 +456,8 @@ def prepare_training_inputs(ctx: JobContext, run) -> TrainingInputs:
     word_index = {w: i for i, w in enumerate(vocab["words"])}
     return TrainingInputs(dataset=train, det_weights=det_weights, features_rel=features_rel(cfg.dataset.name, given),
                           kv=kv, vocab=vocab, word_index=word_index,
-                          region_words=region_word_map(train["regions"], word_index), summary=summary)
+                          region_words=RegionWords(store.root, cfg.storage.options, regions_rel, vocab["words"]),
+                          summary=summary)
 
 
 def train_model(ctx: JobContext, inputs: TrainingInputs, run, tracking_uri: str | None) -> tuple[bytes, dict[str, Any]]:

@@ -32,6 +32,7 @@ import os
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -342,7 +343,8 @@ def committed_image_ids(store: Store, rel: str) -> set[str]:
 
 
 def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table,
-                   regions: pa.Table | None = None, detector_weights: str | None = None,
+                   regions: pa.Table | Callable[[list[str]], pa.Table] | None = None,
+                   detector_weights: str | None = None,
                    det: DetectorConfig | None = None, tracker: Any = None) -> dict[str, Any]:
     """Extract region features for every image of ``images`` not yet committed.
 
@@ -376,7 +378,9 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
     if det.mode == "given":
         if regions is None:
             raise ValueError(f"detector mode 'given' needs ground-truth regions for dataset {dataset!r}")
-        todo = _attach_boxes(todo, regions)
+        if callable(regions):  # read only the regions of the images still to extract
+            regions = regions(todo.column("image_id").to_pylist()) if todo.num_rows else None
+        todo = _attach_boxes(todo, regions) if regions is not None else todo
     summary: dict[str, Any] = {"features_uri": store.uri(rel), "images": len(ids),
                                "done_before": len(ids) - todo.num_rows}
     t0 = time.perf_counter()

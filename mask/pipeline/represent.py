@@ -77,17 +77,20 @@ class MuStage:
         ids: list[int] = []
         rows: list[np.ndarray] = []
         keys: list[int] = []
+        lookup = getattr(self.region_words, "ids_of", None)  # RegionWords: word ids straight away
         for i in range(len(mu)):
-            rids = batch["region_ids"][i]
+            rids = [str(r) for r in batch["region_ids"][i]]
+            per_region = lookup(rids) if lookup is not None else \
+                [[self.word_index.get(w) for w in self.region_words.get(r, ())] for r in rids]
             for slot, rid in enumerate(rids):
                 if not mask[i, slot]:
                     continue
-                for w in self.region_words.get(str(rid), ()):
-                    k = self.word_index.get(w)
+                for k in per_region[slot]:
                     if k is not None:
+                        k = int(k)
                         ids.append(k)
                         rows.append(mu[i, slot])
-                        keys.append(_sample_key(self.seed, str(rid), k))
+                        keys.append(_sample_key(self.seed, rid, k))
         z = mu.shape[-1]
         if not ids:
             return {"word_id": np.zeros(0, np.int64), "sum": np.zeros((0, z)), "count": np.zeros(0, np.int64),

@@ -114,13 +114,34 @@ def actor_device(device: str, stage: str, cpu_threads: int | None = None, max_ac
 
 
 def autoscaler_running() -> bool:
-    """Whether an autoscaler publishes status in this cluster (so nodes may join during the job)."""
+    """Whether an autoscaler that can add nodes runs in this cluster (so nodes may join during the job).
+
+    The Ray monitor publishes its status in the GCS KV store on every cluster, also a plain local
+    ``ray.init()``; there it runs Ray's *readonly* provider, whose node types are the anonymous
+    ``node_<id>`` (``ray.autoscaler._private.util.format_readonly_node_type``).  A launcher / KubeRay /
+    fake-multinode autoscaler reports the node types of its cluster config instead.
+    """
     try:
         from ray.experimental.internal_kv import _internal_kv_get
 
-        return bool(_internal_kv_get(_AUTOSCALER_STATUS_KEY))
+        blob = _internal_kv_get(_AUTOSCALER_STATUS_KEY)
     except Exception:  # noqa: BLE001 — no KV (not connected): no autoscaler known
         return False
+    return _has_node_types(blob)
+
+
+def _has_node_types(blob: bytes | None) -> bool:
+    if not blob:
+        return False
+    import json
+
+    try:
+        report = json.loads(blob).get("autoscaler_report") or {}
+    except (ValueError, AttributeError):
+        return False
+    types = set((report.get("active_nodes") or {}).keys()) | set((report.get("idle_nodes") or {}).keys())
+    types |= set((report.get("node_type_mapping") or {}).values())
+    return any(not str(t).startswith("node_") for t in types)
 
 
 def _alive_nodes() -> list[dict]:

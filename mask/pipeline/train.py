@@ -75,23 +75,27 @@ class PairJoin:
     are dropped (they have nothing to align).
 
     Args:
-        region_words: region_id → word indices into the vocabulary.
+        region_words: region_id → word indices into the vocabulary: a dict, or a
+            :class:`mask.pipeline.regionwords.RegionWords` (loaded in the actor from the regions artifact).
     """
 
-    def __init__(self, region_words: dict[str, list[int]]):
+    def __init__(self, region_words):
         self.region_words = region_words
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keep: list[int] = []
         slots_col: list[np.ndarray] = []
         words_col: list[np.ndarray] = []
+        lookup = getattr(self.region_words, "ids_of", None)
         for i, rids in enumerate(batch["region_ids"]):
             slots: list[int] = []
             wids: list[int] = []
-            for s, rid in enumerate(rids if rids is not None else ()):
-                for w in self.region_words.get(str(rid), ()):
+            rids = [str(r) for r in (rids if rids is not None else ())]
+            per_region = lookup(rids) if lookup is not None else [self.region_words.get(r, ()) for r in rids]
+            for s, ws in enumerate(per_region):
+                for w in ws:
                     slots.append(s)
-                    wids.append(w)
+                    wids.append(int(w))
             if slots:
                 keep.append(i)
                 slots_col.append(np.asarray(slots, np.int32))

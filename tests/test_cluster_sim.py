@@ -1,0 +1,260 @@
+"""The jobs on a simulated autoscaling cluster: Ray's fake multi-node provider on this machine.
+
+A CPU-only head (1 CPU, no GPU) plus fake GPU worker nodes started from zero by the autoscaler
+(``RAY_FAKE_CLUSTER=1``; each fake node has ``{CPU: 1, GPU: 1}`` as *logical* resources — torch has no
+CUDA there, so ``device: auto`` runs on the CPU and says so), moto S3 as the storage root, and the jobs
+submitted with ``ray job submit`` as docs/operations.md does.  Checked:
+
+* the autoscaler started GPU nodes because the detector asked for ``detector.num_gpus=1`` (the head has
+  none), and every detector batch ran on one of them (node id per batch in the extraction summary);
+* a fake GPU node killed mid-extraction (SIGKILL to its raylet): the job completes, every image is in
+  the features exactly once;
+* a node killed mid-training: Ray Train resumes from the last checkpoint (``resumes`` ≥ 1);
+* a local storage root is refused before any work (two nodes may write to two disks);
+* idle GPU nodes are scaled down after the jobs.
+
+Everything started here is stopped by PID (tests/simcluster.py): never ``ray stop``.
+Heavy (~5-8 min on 2 shared cores): marked slow; ``.ci/run`` runs this module once with --runslow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from simcluster import FAKE_HEAD_NODE_ID, SimCluster, kill_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+#: A tiny detector on CPU actors that ask Ray for one (logical) GPU each.
+DETECTOR = ["detector.min_size=128", "detector.max_size=160", "detector.rpn_post_nms_topk=40",
+            "detector.num_boxes=12", "detector.batch_size=2", "detector.num_gpus=1", "detector.num_cpus=1",
+            "detector.min_actors=1", "detector.max_actors=2", "detector.cpu_threads=1", "model.pae_layers=1",
+            "ray.resource_wait_s=300", "tracking.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def sim(s3_server, tmp_path_factory):
+    """The fake cluster (with the S3 endpoint and fake credentials in the nodes' environment) + a bucket."""
+    import boto3
+
+    bucket = f"sim-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    cluster = SimCluster(tmp_path_factory.mktemp("simcluster"), gpu_nodes=2, idle_timeout_minutes=0.1)
+    cluster.start()
+    try:
+        yield cluster, bucket, s3_server
+    finally:
+        cluster.stop()
+    assert not [p for p in cluster.worker_raylets if _alive(p)], "a fake node's raylet outlived the test"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def _client_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    return dict(env, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token")
+
+
+class Job:
+    """A job submitted with ``ray job submit --no-wait`` (retried while the dashboard is not ready; a
+    fixed submission id makes a retry of a submission that did arrive harmless)."""
+
+    def __init__(self, cluster: SimCluster, script: str, args: list[str]):
+        self.cluster, self.sid = cluster, f"sim-{uuid.uuid4().hex[:10]}"
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--submission-id", self.sid,
+               "--no-wait", "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"),
+               "--", "python", script, *args]
+        deadline = time.monotonic() + 300
+        while True:
+            out = subprocess.run(cmd, env=_client_env(), capture_output=True, text=True, cwd=ROOT, timeout=300)
+            text = out.stdout + out.stderr
+            if out.returncode == 0 or "already exists" in text:
+                return
+            assert time.monotonic() < deadline, f"ray job submit kept failing:\n{text[-3000:]}"
+            time.sleep(3)
+
+    def _cli(self, *what: str) -> str:
+        for _ in range(20):  # the dashboard may drop a request under load
+            out = subprocess.run([str(BIN / "ray"), "job", *what, "--address", self.cluster.dashboard, self.sid],
+                                 env=_client_env(), capture_output=True, text=True, timeout=120)
+            if out.returncode == 0:
+                return out.stdout + out.stderr
+            time.sleep(3)
+        raise AssertionError(f"ray job {' '.join(what)} {self.sid} kept failing:\n{out.stdout + out.stderr}")
+
+    def status(self) -> str:
+        for st in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+            if st in self._cli("status"):
+                return st
+        return "UNKNOWN"
+
+    def running(self) -> bool:
+        return self.status() in ("RUNNING", "PENDING", "UNKNOWN")
+
+    def finish(self, timeout: float) -> tuple[str, str]:
+        """Wait for a terminal status; returns (status, the job's log)."""
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() > deadline:
+                self._cli("stop")
+                raise AssertionError(f"job did not finish within {timeout}s:\n{self._cli('logs')[-4000:]}")
+            time.sleep(3)
+        return self.status(), self._cli("logs")
+
+
+def _summary(output: str) -> dict:
+    """The job's printed summary: the last top-level JSON object in its output."""
+    dec = json.JSONDecoder()
+    found = None
+    for i in [i for i in range(len(output)) if output.startswith("{\n", i)]:
+        try:
+            found, _ = dec.raw_decode(output[i:])
+        except json.JSONDecodeError:
+            continue
+    assert found is not None, output[-3000:]
+    return found
+
+
+def _keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    keys, token = [], None
+    while True:
+        kw = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        page = s3.list_objects_v2(**kw)
+        keys += [o["Key"] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return keys
+        token = page["NextContinuationToken"]
+
+
+def _store(endpoint: str, bucket: str, prefix: str):
+    from mask.storage import Store
+
+    return Store(f"s3://{bucket}/{prefix}", {"client_kwargs": {"endpoint_url": endpoint}})
+
+
+def _kill_a_node_when(cluster: SimCluster, ready, job: Job, timeout: float) -> str:
+    """Wait for ``ready()`` (while the job runs), then SIGKILL one fake GPU node's raylet (and its
+    workers); returns the killed node id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert job.running(), "the job ended before the fault was injected:\n" + job.finish(60)[1][-3000:]
+        nodes = cluster.raylets()
+        target = ready(nodes)
+        if target:
+            pid = next(p for p, n in nodes.items() if n == target)
+            kill_tree(pid)
+            return target
+        time.sleep(0.5)
+    raise AssertionError("the moment to inject the fault did not come")
+
+
+def test_local_storage_root_is_refused_on_the_cluster(sim, tmp_path):
+    cluster, _, _ = sim
+    job = Job(cluster, "jobs/extract_regions.py", ["--target", "gallery", f"storage.root={tmp_path / 'art'}",
+                                                   "gallery.limit=4", *DETECTOR])
+    status, out = job.finish(600)
+    assert status == "FAILED"
+    assert "storage.root" in out and "s3://" in out and "storage.shared_fs=true" in out, out[-3000:]
+    assert not (tmp_path / "art").exists()  # refused before any work
+
+
+def test_extraction_scales_out_to_gpu_nodes_and_survives_a_node_loss(sim):
+    cluster, bucket, endpoint = sim
+    from mask.config import load_config
+    from mask.pipeline.extract import features_rel
+
+    n_images = 16
+    prefix = "extract"
+    args = ["--target", "gallery", f"storage.root=s3://{bucket}/{prefix}", f"gallery.limit={n_images}", *DETECTOR]
+    t0 = time.monotonic()
+    job = Job(cluster, "jobs/extract_regions.py", args)
+    rel = features_rel("demo_gallery", load_config("demo", DETECTOR).detector)
+
+    def two_parts_written(nodes):  # some batches done, most still to do: kill the node of a running actor
+        parts = [k for k in _keys(endpoint, bucket, f"{prefix}/{rel}/parts/") if k.endswith(".parquet")]
+        return sorted(nodes.values())[0] if len(parts) >= 2 and nodes else None
+
+    killed = _kill_a_node_when(cluster, two_parts_written, job, timeout=900)
+    t_kill = time.monotonic() - t0
+    status, out = job.finish(900)
+    secs = time.monotonic() - t0
+    assert status == "SUCCEEDED", out[-5000:]
+    s = _summary(out)["features"]
+    # every image exactly once (features + errors), committed
+    store = _store(endpoint, bucket, prefix)
+    ids = store.read_table(rel, columns=["image_id"]).column("image_id").to_pylist()
+    if store.manifest(f"{rel}/_errors") is not None:
+        ids += store.read_table(f"{rel}/_errors", columns=["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == n_images
+    assert s["images"] == n_images and s["extracted"] + s["errors"] == n_images
+    # the autoscaler started GPU nodes for the detector, and every batch ran on one of them
+    nodes = set(s["batches_by_node"])
+    assert nodes and FAKE_HEAD_NODE_ID not in nodes and "" not in nodes, s["batches_by_node"]
+    assert sum(b["images"] for b in s["batch_nodes"]) == n_images
+    assert killed in cluster.worker_raylets.values()
+    assert "falls back to the CPU" in out  # device=auto on a GPU node whose torch has no CUDA
+    print(f"\nsim extraction: {n_images} images in {secs:.0f}s, node killed at {t_kill:.0f}s; "
+          f"batches by node {s['batches_by_node']}")
+
+
+def test_training_resumes_after_a_node_loss_and_idle_nodes_scale_down(sim):
+    cluster, bucket, endpoint = sim
+    prefix = "train"
+    args = [f"storage.root=s3://{bucket}/{prefix}", "dataset.limit=12", "train.epochs=8", "train.checkpoint_every=1",
+            "train.use_gpu=true", "train.num_workers=1", "train.cpus_per_worker=1", "train.max_failures=3",
+            "train.batch_size=64", *DETECTOR]
+    t0 = time.monotonic()
+    job = Job(cluster, "jobs/train.py", args)
+    seen_train_node: dict[str, str] = {}
+
+    def a_checkpoint_exists(nodes):
+        ckpts = [k for k in _keys(endpoint, bucket, f"{prefix}/train/") if "/checkpoint_" in k]
+        if not ckpts:
+            return None
+        # the trainer's worker holds its node's only CPU and GPU: the node with a TorchTrainer worker
+        busy = _train_worker_node(cluster)
+        if busy:
+            seen_train_node["node"] = busy
+        return busy
+
+    killed = _kill_a_node_when(cluster, a_checkpoint_exists, job, timeout=1200)
+    status, out = job.finish(1200)
+    secs = time.monotonic() - t0
+    assert status == "SUCCEEDED", out[-5000:]
+    t = _summary(out)["training"]
+    assert t["resumes"] >= 1 and t["final_epoch"] == 7, t
+    assert killed == seen_train_node["node"]
+    # idle GPU nodes go away after the jobs (idle_timeout_minutes=0.1 in the sim's autoscaling config)
+    t1 = time.monotonic()
+    cluster.wait_for(lambda: not [p for p in cluster.raylets() if _alive(p)], 180, "idle fake GPU nodes scaled down")
+    print(f"\nsim training: {secs:.0f}s with a node lost; scale-down took {time.monotonic() - t1:.0f}s")
+
+
+def _train_worker_node(cluster: SimCluster) -> str | None:
+    """Node id of the fake node whose raylet has a Ray Train worker process (``RayTrainWorker``) below it."""
+    from simcluster import _children, _cmdline
+
+    for pid, node in cluster.raylets().items():
+        for child in _children(pid):
+            if any("RayTrainWorker" in a for a in _cmdline(child)):
+                return node
+    return None
