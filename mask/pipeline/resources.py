@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from mask.config import ActorPoolConfig, ConfigError, MaskConfig
+from mask.errors import MaskError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 _AUTOSCALER_STATUS_KEY = "__autoscaling_status"
 
 
-class ClusterResourcesError(RuntimeError):
+class ClusterResourcesError(MaskError, RuntimeError):
     """The cluster cannot provide what a stage asks for (the message names the key and the fix)."""
 
 
