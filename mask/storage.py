@@ -989,6 +989,9 @@ class ArtifactWriter:
             "mlflow_run_id": mlflow_run_id,
             "extra": redact(dict(extra or {})),
         }
+        from mask.faults import kill_point
+
+        kill_point(f"commit:{self.kind}")  # tests: the committing process dies before its manifest lands
         self.store.write_json(f"{self.rel}/{MANIFEST}", manifest)
         self._state = "committed"
         logger.info("committed artifact %s (%s, %d parts, %d rows)", self.uri, self.kind, len(parts),
