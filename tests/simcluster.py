@@ -105,7 +105,7 @@ class SimCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dash}"
 
-    def start(self, attempts: int = 4) -> SimCluster:
+    def start(self, attempts: int = 8) -> SimCluster:
         """Start the head; on a loaded machine ``ray start`` can miss Ray's fixed 30 s raylet start-up
         window and exit, so a head that exits before "Ray runtime started" is started again."""
         self.workdir.mkdir(parents=True, exist_ok=True)
