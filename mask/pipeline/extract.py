@@ -32,13 +32,18 @@ import os
 import time
 import uuid
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from mask.config import DetectorConfig, MaskConfig
-from mask.storage import Store, fingerprint
+from mask.features.extractor import RegionExtractor, spec_from_config
+from mask.features.images import ImageError, decode_image, resize_for_detector
+from mask.pipeline.identity import extractor_name, features_rel
+from mask.pipeline.runtime import cluster_gpus
+from mask.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +51,6 @@ logger = logging.getLogger(__name__)
 #: exit hard (``os._exit``) at its n-th batch, once (the marker file records that it fired).
 FAULT_ENV = "MASK_FAULT_INJECT"
 
-#: Detector fields that change how extraction runs, never what it produces (images are batched by
-#: equal shape without padding, RoI chunks do not change results): left out of the artifact name.
-EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "cpu_threads", "max_restarts", "device", "roi_chunk"})
 
 FEATURES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -76,17 +78,6 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
-def extractor_name(det: DetectorConfig) -> str:
-    """Folder name of a detector configuration: readable prefix + hash of every field that shapes the
-    features (not :data:`EXECUTION_FIELDS`, so a rerun with another batch size or actor count resumes)."""
-    h = fingerprint(det.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)))[:10]
-    return f"{det.backend}-r{det.depth}-{det.mode}-{h}"
-
-
-def features_rel(dataset: str, det: DetectorConfig) -> str:
-    return f"features/{dataset}/{extractor_name(det)}"
-
-
 def _batch_part_name(image_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:24]
 
@@ -97,8 +88,6 @@ def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
 
     Failures become error rows (``stage``, ``error``, ``message``), never exceptions.
     """
-    from mask.features.extractor import spec_from_config
-    from mask.features.images import ImageError, decode_image, resize_for_detector
 
     det = DetectorConfig.model_validate(det_cfg)
     pixel_mean = spec_from_config(det).pixel_mean_bgr
@@ -128,8 +117,6 @@ def read_uri(uri: str, options: dict[str, Any]) -> bytes:
     """Bytes of a local path or URI; a missing or unreadable file raises ImageError (stage ``read``)."""
     import fsspec
 
-    from mask.features.images import ImageError
-
     try:
         with fsspec.open(uri, "rb", **(options if uri.startswith("s3://") else {})) as f:
             return f.read()
@@ -150,7 +137,6 @@ def _maybe_inject_fault(batch_no: int, spec: str) -> None:
     """Fault injection for the tests: ``detect_batch:<n>:<marker>`` kills this actor once at its n-th batch."""
     if not spec.startswith("detect_batch:"):
         return
-    from pathlib import Path
 
     _, at, marker = spec.split(":", 2)
     if int(at) == batch_no and not Path(marker).exists():
@@ -172,8 +158,6 @@ class DetectStage:
     def __init__(self, det_cfg: dict[str, Any], weights: tuple[str, dict, str] | None,
                  cpu_threads: int | None = None, fault: str = ""):
         import torch
-
-        from mask.features.extractor import RegionExtractor
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
@@ -360,8 +344,6 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
         Whatever the Ray Data pipeline raised (after committing the batches that had finished).
     """
     import ray
-
-    from mask.pipeline.runtime import cluster_gpus
 
     det = det or cfg.detector
     rel = features_rel(dataset, det)

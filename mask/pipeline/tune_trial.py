@@ -24,6 +24,7 @@ The driver's MLflow callback (:mod:`mask.pipeline.tune`) turns the reports into 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -36,7 +37,26 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mask.alignment import gap_measures
 from mask.config import MaskConfig, flatten
+from mask.datasets import dataset_rel
+from mask.evaluation import gallery_scores, map_captions, padded_mu
+from mask.knowledge import KnowledgeTable, PrototypeAccumulator
+from mask.metrics import recall_at_k
+from mask.models import save_pae
+from mask.pipeline.represent import MuStage
+from mask.pipeline.steps import region_word_map
+from mask.pipeline.train import (
+    PairJoin,
+    TrainModule,
+    collate,
+    images_per_batch,
+    load_checkpoint_dir,
+    loss_weights,
+    save_checkpoint,
+    train_step,
+)
+from mask.rerank import rerank_both
 from mask.storage import Store
 from mask.sweep import SCORE, best_entry, flatten_grid
 
@@ -152,7 +172,6 @@ def read_inputs(store: Store, inputs_rel: str) -> dict[str, Any]:
 
 
 def _parquet_file(store: Store, rel: str, name: str) -> pa.Table:
-    import io
 
     import pyarrow.parquet as pq
 
@@ -161,7 +180,6 @@ def _parquet_file(store: Store, rel: str, name: str) -> pa.Table:
 
 def load_gallery(store: Store, inputs_rel: str, info: dict[str, Any], split: str) -> EvalGallery | None:
     """The ``val`` or ``test`` gallery split of a sweep (None when the split has no image)."""
-    import io
 
     images = _parquet_file(store, inputs_rel, f"{split}_images.parquet").column("image_id").to_pylist()
     if not images:
@@ -187,9 +205,6 @@ def load_gallery(store: Store, inputs_rel: str, info: dict[str, Any], split: str
 
 def load_sweep_data(store: Store, inputs_rel: str, splits: tuple[str, ...] = ("val",)) -> SweepData:
     """Read what a trial trains and validates on from the storage root (never from the trial config)."""
-    from mask.datasets import dataset_rel
-    from mask.pipeline.build import region_word_map
-    from mask.pipeline.train import PairJoin
 
     info = read_inputs(store, inputs_rel)
     vocab = _parquet_file(store, inputs_rel, "vocabulary.parquet")
@@ -224,7 +239,6 @@ def train_epoch(module, opt: torch.optim.Optimizer, rows: dict[str, np.ndarray],
     Returns:
         ``({"loss", "loss_ir", …}: means over the epoch's batches, the step count after it)``.
     """
-    from mask.pipeline.train import collate, images_per_batch, loss_weights, train_step
 
     module.train()
     n = len(rows["num_pairs"])
@@ -252,25 +266,17 @@ def _batches(rows: dict[str, np.ndarray], size: int):
 
 def knowledge_table(pae_bytes: bytes, data: SweepData, cfg: MaskConfig, batch_size: int = 64):
     """Eq. 2 in memory: μ of every VG region through the PAE, averaged per word → a KnowledgeTable."""
-    from mask.knowledge import KnowledgeTable, PrototypeAccumulator
-    from mask.pipeline.represent import MuStage
-
     stage = MuStage(pae_bytes, data.word_index, data.region_words, "partials", cfg.seed)
     acc = PrototypeAccumulator(len(data.words), cfg.model.latent_dim, seed=cfg.seed)
     for batch in _batches(data.raw_rows, batch_size):
         part = stage(batch)
         if len(part["word_id"]):
             acc.merge_partial(part["word_id"], part["sum"], part["count"], part["key"], part["sample"])
-    protos, counts, missing = acc.prototypes()
-    seen = ~missing
-    return KnowledgeTable(words=[w for w, s in zip(data.words, seen, strict=True) if s], counts=counts[seen],
-                          word_vectors=data.word_vectors[seen], prototypes=protos[seen],
-                          source=["vg"] * int(seen.sum()), samples=acc.samples()[seen])
+    return KnowledgeTable.from_accumulator(acc, data.words, data.word_vectors)
 
 
 def gallery_mu(pae_bytes: bytes, gallery: EvalGallery, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """μ of the gallery's regions → ``(N, R, Z)`` and the padding mask ``(N, R)``, in gallery order."""
-    from mask.pipeline.represent import MuStage, padded_mu
 
     stage = MuStage(pae_bytes)
     cols: dict[str, list] = {"image_id": [], "mu": [], "num_boxes": [], "latent_dim": []}
@@ -301,9 +307,6 @@ def evaluate_grid(cfg: MaskConfig, table, mu: np.ndarray, mask: np.ndarray, gall
         ``{"mask": {m: metrics}, "base": metrics, "rerank": {(m, α, k): metrics}}`` (metrics as
         :func:`mask.metrics.recall_at_k`).
     """
-    from mask.metrics import recall_at_k
-    from mask.pipeline.evaluate import gallery_scores, map_captions
-    from mask.rerank import rerank_both
 
     sc = cfg.scoring
     c2i = gallery.caption_to_image
@@ -384,7 +387,6 @@ def _device(setup: TrialSetup) -> torch.device:
 
 def _gap(table, module) -> dict[str, float]:
     """The modality-gap measures (:func:`mask.alignment.gap_measures`) of the trial's MTM on its knowledge."""
-    from mask.alignment import gap_measures
 
     try:
         with torch.no_grad():
@@ -405,8 +407,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """
     import ray.tune
 
-    from mask.models import save_pae
-    from mask.pipeline.train import TrainModule, load_checkpoint_dir, save_checkpoint
 
     cfg = trial_config(setup.cfg, config)
     torch.set_num_threads(max(1, int(setup.cpus)))
