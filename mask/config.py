@@ -19,10 +19,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mask.errors import MaskError
 from mask.storage import _CREDENTIAL_OPTION_KEYS  # the same names that Store refuses
 
 
-class ConfigError(ValueError):
+class ConfigError(MaskError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 

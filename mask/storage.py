@@ -47,6 +47,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import mask
+from mask.errors import MaskError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ _CREDENTIAL_OPTION_KEYS = frozenset({
 })
 
 
-class StorageError(ValueError):
+class StorageError(MaskError, ValueError):
     """Bad URI, path traversal, damaged or inconsistent artifact; the message names the path."""
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from mask.config import ClipConfig, MaskConfig
+from mask.errors import MaskError
 from mask.features.images import ImageError, decode_image
 from mask.pipeline.extract import ERRORS_SCHEMA, read_uri
 from mask.pipeline.identity import CLIP_EXECUTION_FIELDS, WEIGHT_SUFFIXES, base_scores_rel, weights_label
@@ -56,7 +57,7 @@ SCORES_FILE = "scores.npy"
 IDS_FILE = "ids.json"
 
 
-class BaseScoresError(ValueError):
+class BaseScoresError(MaskError, ValueError):
     """A CLIP configuration or base-scores artifact that cannot be used; the message names it."""
 
 

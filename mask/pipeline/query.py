@@ -24,6 +24,7 @@ import pyarrow as pa
 import torch
 
 from mask.config import MaskConfig
+from mask.errors import MaskError
 from mask.evaluation import padded_mu
 from mask.knowledge import build_prototypes_for
 from mask.pipeline.index import find_index, read_index_file, read_mu
@@ -36,7 +37,7 @@ from mask.vectors import load_vectors, vectors_for
 logger = logging.getLogger(__name__)
 
 
-class QueryError(ValueError):
+class QueryError(MaskError, ValueError):
     """A query that cannot be answered (unknown image id, empty text), with the input named."""
 
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 from mask import tracking
 from mask.config import DatasetConfig, MaskConfig
 from mask.datasets import build_vocabulary, count_words, dataset_rel, generate_demo_world, ingest_dataset
+from mask.errors import MaskError
 from mask.features.extractor import RegionExtractor
 from mask.features.images import ImageError, decode_image
 from mask.knowledge import KnowledgeError, KnowledgeTable, extend_with_ood
@@ -38,7 +39,7 @@ from mask.vectors import load_vectors, vectors_for
 logger = logging.getLogger(__name__)
 
 
-class GalleryError(ValueError):
+class GalleryError(MaskError, ValueError):
     """A gallery, index or knowledge that cannot be used; the message names it."""
 
 

@@ -35,6 +35,7 @@ import pyarrow as pa
 import torch
 
 from mask.config import MaskConfig, TrainConfig
+from mask.errors import MaskError
 from mask.losses import NonFiniteLoss, check_finite, mask_loss
 from mask.models import PrototypeTable, build_model, save_pae
 from mask.pipeline.identity import train_run_name
@@ -50,11 +51,11 @@ MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE = "model.safetensors", "optimizer.p
 CHECKPOINT_FILES = (MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MaskError, ValueError):
     """A training checkpoint that cannot be read or does not match the model; the message names it."""
 
 
-class TrainingRunError(ValueError):
+class TrainingRunError(MaskError, ValueError):
     """A training run that cannot go on as configured (e.g. it already trained past ``train.epochs``)."""
 
 
