@@ -128,7 +128,8 @@ def test_killed_detector_actor_loses_and_duplicates_nothing(tmp_path, ray_local,
     """
     from jobs import extract_regions
     from mask.config import load_config
-    from mask.pipeline.extract import FAULT_ENV, committed_image_ids
+    from mask.faults import FAULT_ENV
+    from mask.pipeline.extract import committed_image_ids
     from mask.pipeline.identity import features_rel
     from mask.storage import Store
 

@@ -160,7 +160,7 @@ def test_mismatched_checkpoint_is_named(trained):
 def variant(trained, tmp_path_factory):
     """Word vectors lacking some words + the "w/o KL" ablation + a worker killed at the start of epoch 1."""
     from mask.datasets.demo import COLOURS, OBJECT_ASPECT, SIZES, TEXTURES
-    from mask.pipeline.train import FAULT_ENV
+    from mask.faults import FAULT_ENV
 
     root, _ = trained
     tmp = tmp_path_factory.mktemp("variant")

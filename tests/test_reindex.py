@@ -197,7 +197,7 @@ def test_driver_killed_mid_run_leaves_the_live_index_and_the_rerun_completes(wor
 
     live = _current(world)
     live_metrics = read_index_file(_store(world), f"indexes/demo_gallery/{live['version']}", "metrics.json")
-    env = {**os.environ, "MASK_FAULT_INJECT": "kill:index.after_mu"}
+    env = {**os.environ, "MASK_FAULT_INJECT": "index.after_mu"}
     env.pop("RAY_ADDRESS", None)
     args = _args(world, 14, "index.lease_ttl_s=4")
     knowledge = ["--knowledge", live["knowledge_uri"]]

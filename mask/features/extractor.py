@@ -42,7 +42,6 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from mask.errors import MaskError
 from mask.features.butd import BUTDDetector, BUTDSpec, build_butd, caffe_cell_anchors, detectron2_cell_anchors
 from mask.features.checkpoint import load_butd_checkpoint, state_dict_bytes
-from mask.features.detectron2_backend import Detectron2Extractor
 from mask.features.device import resolve_device
 from mask.features.images import resize_for_detector
 from mask.features.postprocess import labels_and_scores, prepare_given_boxes, select_boxes
@@ -109,6 +108,9 @@ class RegionExtractor:
             A :class:`RegionExtractor` (or :class:`~mask.features.detectron2_backend.Detectron2Extractor`).
         """
         if cfg.backend == "detectron2":
+            # the optional backend's module is loaded only when chosen (it wraps the optional detectron2)
+            from mask.features.detectron2_backend import Detectron2Extractor
+
             return Detectron2Extractor.from_config(cfg)
         spec = spec_from_config(cfg)
         device = resolve_device(cfg.device)

@@ -10,7 +10,7 @@ rerun resumes from them.
 
 Fault tolerance is Ray's own: a detector actor that dies is restarted (``detector.max_restarts``)
 and its in-flight batches are retried on the new actor (``max_task_retries``); decode and write
-tasks are retried by Ray's task retries.  Tests kill an actor through :data:`FAULT_ENV`.
+tasks are retried by Ray's task retries.  Tests kill an actor through :mod:`mask.faults` (``detect_batch``).
 
 On CPU-only clusters each detector actor reserves one CPU in Ray (so decode and write tasks keep
 CPUs to run on), but runs torch with ``detector.cpu_threads`` threads (default: the cluster's CPUs
@@ -28,17 +28,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from mask.config import DetectorConfig, MaskConfig
+from mask.faults import driver_spec, exit_point
 from mask.features.extractor import RegionExtractor, spec_from_config
 from mask.features.images import ImageError, decode_image, resize_for_detector
 from mask.pipeline.identity import extractor_name, features_rel
@@ -46,10 +45,6 @@ from mask.pipeline.runtime import cluster_gpus
 from mask.storage import Store
 
 logger = logging.getLogger(__name__)
-
-#: Read by the driver (fault tests only): ``detect_batch:<n>:<marker path>`` makes a detector actor
-#: exit hard (``os._exit``) at its n-th batch, once (the marker file records that it fired).
-FAULT_ENV = "MASK_FAULT_INJECT"
 
 
 FEATURES_SCHEMA = pa.schema([
@@ -133,18 +128,6 @@ def _object_array(items: list) -> np.ndarray:
     return arr
 
 
-def _maybe_inject_fault(batch_no: int, spec: str) -> None:
-    """Fault injection for the tests: ``detect_batch:<n>:<marker>`` kills this actor once at its n-th batch."""
-    if not spec.startswith("detect_batch:"):
-        return
-
-    _, at, marker = spec.split(":", 2)
-    if int(at) == batch_no and not Path(marker).exists():
-        Path(marker).write_text("fired")
-        logger.warning("fault injection: killing this detector actor at its batch %d", batch_no)
-        os._exit(1)
-
-
 class DetectStage:
     """Actor stage: one detector per actor, batched forward over the decoded images.
 
@@ -152,7 +135,7 @@ class DetectStage:
         det_cfg: the detector config (dumped).
         weights: (storage root, options, artifact) of committed detector weights, or None.
         cpu_threads: torch threads of this actor (None: leave torch's/Ray's setting).
-        fault: a :data:`FAULT_ENV` spec (tests), or "".
+        fault: a :mod:`mask.faults` spec (tests), or "".
     """
 
     def __init__(self, det_cfg: dict[str, Any], weights: tuple[str, dict, str] | None,
@@ -173,7 +156,7 @@ class DetectStage:
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         self.batches += 1
-        _maybe_inject_fault(self.batches, self.fault)
+        exit_point("detect_batch", self.batches, self.fault)
         n = len(batch["image_id"])
         ok = [i for i in range(n) if not batch["error"][i]]
         results: dict[int, dict] = {}
@@ -390,7 +373,7 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
             # remote-args kwargs that carry them are deprecated (removal announced for Ray 2.64).
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
             ds = ds.map_batches(DetectStage,
-                                fn_constructor_args=(det.model_dump(), weights, threads, os.environ.get(FAULT_ENV, "")),
+                                fn_constructor_args=(det.model_dump(), weights, threads, driver_spec()),
                                 batch_size=bs, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
                                 compute=ray.data.ActorPoolStrategy(size=n_actors), **retries)
         ds = ds.map_batches(write_batch, fn_kwargs={"root": cfg.storage.root, "options": cfg.storage.options,

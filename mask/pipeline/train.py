@@ -36,6 +36,7 @@ import torch
 
 from mask.config import MaskConfig, TrainConfig
 from mask.errors import MaskError
+from mask.faults import driver_spec, exit_point
 from mask.losses import NonFiniteLoss, check_finite, mask_loss
 from mask.models import PrototypeTable, build_model, save_pae
 from mask.pipeline.identity import train_run_name
@@ -44,8 +45,6 @@ from mask.pipeline.steps import KNOWLEDGE_COLUMNS, TrainingInputs, features_data
 from mask.storage import Store
 
 logger = logging.getLogger(__name__)
-
-FAULT_ENV = "MASK_FAULT_INJECT"  # read by the driver: "train_epoch:<n>:<marker path>" (fault tests)
 
 MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "rng.pt", "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE)
@@ -365,17 +364,6 @@ def resume_checkpoint(registered, run_storage: tuple[Any, str] | None, module: T
 # ---------------------------------------------------------------- the worker loop
 
 
-def _maybe_inject_fault(epoch: int, spec: str) -> None:
-    """Fault injection for the resume tests: ``train_epoch:<n>:<marker>`` kills this worker once at epoch n."""
-    if not spec.startswith("train_epoch:"):
-        return
-    _, at, marker = spec.split(":", 2)
-    if int(at) == epoch and not Path(marker).exists():
-        Path(marker).write_text("fired")
-        logger.warning("fault injection: killing this training worker at epoch %d", epoch)
-        os._exit(1)
-
-
 def _worker_threads() -> int:
     """Give torch the CPUs Ray assigned to this worker (Ray exports OMP_NUM_THREADS; make it explicit)."""
     import ray
@@ -442,7 +430,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     last_metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
-        _maybe_inject_fault(epoch, config.get("fault", ""))
+        exit_point("train_epoch", epoch, config.get("fault", ""))
         per_worker = images_per_batch(cfg.train, epoch, config["pairs_per_image"], world)
         model.train()
         sums: dict[str, float] = {}
@@ -673,7 +661,7 @@ def run_training(ctx: JobContext, ds, stats: dict[str, int], word_vectors: np.nd
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "word_vectors": word_vectors,
                            "pairs_per_image": stats["pairs"] / max(stats["images"], 1),
                            "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-                           "fault": os.environ.get(FAULT_ENV, ""),
+                           "fault": driver_spec(),
                            "run_storage": (fs, f"{storage_path}/{run_name}")},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,

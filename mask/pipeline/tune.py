@@ -47,11 +47,12 @@ import yaml
 
 from mask import tracking
 from mask.config import MaskConfig
+from mask.faults import driver_spec
 from mask.pipeline.runtime import JobContext, init_ray
 from mask.pipeline.tune_best import finalize
 from mask.pipeline.tune_inputs import DEMO_BASE, prepare_inputs
 from mask.pipeline.tune_mlflow import MlflowTrialRuns
-from mask.pipeline.tune_trial import FAULT_ENV, TrialSetup, run_trial
+from mask.pipeline.tune_trial import TrialSetup, run_trial
 from mask.storage import Store, code_version, fingerprint
 from mask.sweep import SCORE, SweepError, SweepSpec, clip_m, fmt
 
@@ -255,7 +256,7 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
         setup = TrialSetup(cfg=cfg.model_dump(mode="json"), inputs_rel=inputs_rel, epochs=epochs,
                            eval_every=spec.trials.eval_every, m=tuple(m_grid), alpha=tuple(spec.grid.alpha),
                            k=tuple(spec.grid.k), base_m=cfg.knowledge.m, cpus=spec.trials.cpus, gpus=spec.trials.gpus,
-                           fault=os.environ.get(FAULT_ENV, ""))
+                           fault=driver_spec())
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                         {"cpu": spec.trials.cpus, "gpu": spec.trials.gpus})
         if restorable:

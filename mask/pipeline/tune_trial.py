@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from mask.alignment import gap_measures
 from mask.config import MaskConfig, flatten
 from mask.datasets import dataset_rel
 from mask.evaluation import gallery_scores, map_captions, padded_mu
+from mask.faults import fires
 from mask.knowledge import KnowledgeTable, PrototypeAccumulator
 from mask.metrics import recall_at_k
 from mask.models import save_pae
@@ -63,7 +63,6 @@ from mask.sweep import SCORE, best_entry, flatten_grid
 logger = logging.getLogger(__name__)
 
 INPUTS_KIND = "tune-inputs"
-FAULT_ENV = "MASK_FAULT_INJECT"  # read by the driver, handed to trials: "tune_report|tune_error:<n>:<marker>"
 FEATURE_COLUMNS = ["image_id", "features", "num_boxes", "feature_dim"]
 
 
@@ -78,7 +77,7 @@ class TrialSetup:
         m, alpha, k: the grid (m already clipped to the knowledge size).
         base_m: OOD sampling size of the demo base model (the config's ``knowledge.m``).
         cpus, gpus: resources per trial (torch threads follow ``cpus``).
-        fault: the driver's ``MASK_FAULT_INJECT`` (tests only; see :func:`_maybe_inject_fault`).
+        fault: the driver's ``MASK_FAULT_INJECT`` (tests only; see :func:`_fault_after_report`).
     """
 
     cfg: dict[str, Any]
@@ -360,25 +359,15 @@ def grid_report(grid: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the trainable
 
 
-def _maybe_inject_fault(reports: int, spec: str) -> None:
-    """Fault injection for the restore tests (``MASK_FAULT_INJECT`` of the driver, via the setup): after
-    its n-th report, the first trial to get there writes the marker and then
-
-    * ``tune_report:<n>:<marker>`` — hangs, so that a test can kill the driver mid-sweep;
-    * ``tune_error:<n>:<marker>`` — fails (the trial errors; a rerun restores it from its checkpoint).
-    """
-    kind, _, rest = spec.partition(":")
-    if kind not in ("tune_report", "tune_error"):
-        return
-    at, marker = rest.split(":", 1)
-    if int(at) != reports or os.path.exists(marker):
-        return
-    with open(marker, "w") as f:
-        f.write(kind)
-    if kind == "tune_error":
+def _fault_after_report(reports: int, spec: str) -> None:
+    """The restore tests' faults (:mod:`mask.faults`): after its n-th report a trial fails
+    (``tune_error``: a rerun restores it from its checkpoint) or hangs (``tune_report``: a test kills
+    the driver mid-sweep)."""
+    if fires("tune_error", reports, spec):
         raise RuntimeError(f"fault injection: trial fails after report {reports}")
-    logger.warning("fault injection: trial holds after report %d until the driver is killed", reports)
-    time.sleep(600)
+    if fires("tune_report", reports, spec):
+        logger.warning("fault injection: trial holds after report %d until the driver is killed", reports)
+        time.sleep(600)
 
 
 def _device(setup: TrialSetup) -> torch.device:
@@ -453,4 +442,4 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(d))
         history = []
         reports += 1
-        _maybe_inject_fault(reports, setup.fault)
+        _fault_after_report(reports, setup.fault)
