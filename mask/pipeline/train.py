@@ -46,6 +46,9 @@ from mask.storage import Store
 
 logger = logging.getLogger(__name__)
 
+#: what a rank raises when another rank's loss was non-finite (sync_finite): the driver reports the other one
+ELSEWHERE = NonFiniteLoss("loss(another worker)", "nan")
+
 MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "rng.pt", "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE)
 
@@ -195,7 +198,7 @@ def train_step(model: torch.nn.Module, inner: TrainModule, opt: torch.optim.Opti
     except NonFiniteLoss as e:
         error = e
     if sync_finite is not None and not sync_finite(error is None) and error is None:
-        error = NonFiniteLoss("loss", "nan on another worker", step)
+        error = NonFiniteLoss(ELSEWHERE.term, ELSEWHERE.value, step)
     if error is not None:
         raise error
     opt.zero_grad(set_to_none=True)
@@ -384,7 +387,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         The last epoch's metrics (Ray Train hands rank 0's to the driver as ``Result.return_value``),
-        or ``{"nonfinite": message, "step", "epoch"}`` when a loss term became NaN/inf.
+        or ``{"nonfinite": NonFiniteLoss, "step", "epoch"}`` when a loss term became NaN/inf.
     """
     import ray.train
     import ray.train.torch
@@ -454,13 +457,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if client is not None and step % log_every == 0:
                 client.log_batch(run_id, metrics=_metrics({f"step.{k}": v for k, v in values.items()}, step))
         if failure is not None:
-            # every rank broke out at the same step (sync_finite); tell the driver, do not retry
-            msg = [str(failure)]
+            # every rank broke out at the same step (sync_finite); hand the driver the rank's own
+            # NonFiniteLoss (not one that only heard of it), do not retry
+            failures: list[Any] = [failure]
             if dist:
-                msgs: list[Any] = [None] * world
-                torch.distributed.all_gather_object(msgs, str(failure))
-                msg = msgs
-            real = next((m for m in msg if "another worker" not in m), msg[0])
+                failures = [None] * world
+                torch.distributed.all_gather_object(failures, failure)
+            real = next((f for f in failures if f.term != ELSEWHERE.term), failures[0])
             return {"nonfinite": real, "step": step + 1, "epoch": epoch}
         secs = time.perf_counter() - t0
         keys = sorted(sums)
@@ -682,11 +685,8 @@ def run_training(ctx: JobContext, ds, stats: dict[str, int], word_vectors: np.nd
         raise
     secs = time.perf_counter() - t0
     metrics = dict(result.return_value or result.metrics or {})
-    if "nonfinite" in metrics:
-        # "step <n>: <term> is <value>", as mask.losses.check_finite words it
-        _, rest = str(metrics["nonfinite"]).split(": ", 1)
-        term, value = rest.split(" is ", 1)
-        raise NonFiniteLoss(term, value, int(metrics["step"]))
+    if isinstance(metrics.get("nonfinite"), NonFiniteLoss):
+        raise metrics["nonfinite"]
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
