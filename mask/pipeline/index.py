@@ -46,7 +46,7 @@ from mask.pipeline.identity import INDEX_LAYOUT, extractor_name, features_rel, i
 from mask.pipeline.represent import MuStage, image_representations, mu_table
 from mask.pipeline.runtime import JobContext, cluster_gpus
 from mask.pipeline.steps import MU_COLUMNS, GalleryError, features_dataset
-from mask.scoring import GalleryScorer, normalize_rows, pooled_word_scores
+from mask.scoring import GalleryScorer, WordScoreReuse, normalize_rows, reuse_word_scores
 from mask.storage import Store, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -458,10 +458,8 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
         raise GalleryError("internal: the caption vocabulary has unused words")  # by construction it cannot
     live_ws = live.word_scores if reusable and live.word_scores is not None and live.words is not None else None
     live_rows = {x: i for i, x in enumerate(live.images.column("image_id").to_pylist())} if live_ws is not None else {}
-    live_cols = {w: i for i, w in enumerate(live.words.column("word").to_pylist())} if live_ws is not None else {}
-    old_cols = np.asarray([j for j, w in enumerate(voc.words) if w in live_cols], np.int64)
-    new_cols = np.asarray([j for j, w in enumerate(voc.words) if w not in live_cols], np.int64)
-    src_cols = np.asarray([live_cols[voc.words[j]] for j in old_cols], np.int64)
+    reuse_cols = WordScoreReuse.between(voc.words, live.words.column("word").to_pylist() if live_ws is not None else [])
+    new_cols = reuse_cols.new_cols
     computed_rows = computed_cells = 0
     chunk = max(1, cfg.scoring.image_chunk)
 
@@ -478,25 +476,14 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
             computed_rows += len(ids)
             computed_cells += len(ids) * v
             continue
-        ws = np.zeros((len(ids), v), np.float32)
-        old = np.asarray([x in live_rows for x in ids], bool)
+        prev_rows = np.asarray([live_rows.get(x, -1) for x in ids], np.int64)
+        old = prev_rows >= 0
         need = ~old | (old & bool(new_cols.size))  # rows that need μ: new images; all when words are new
-        if need.any():  # one read of μ for this chunk
-            m_all, mask_all = mu_of([x for x, k in zip(ids, need, strict=True) if k])
-            at = {j: i for i, j in enumerate(np.flatnonzero(need))}
-        if old.any():
-            rows = np.asarray([live_rows[x] for x, o in zip(ids, old, strict=True) if o], np.int64)
-            ws[np.ix_(old, old_cols)] = live_ws[np.ix_(rows, src_cols)]
-            if new_cols.size:  # new words for unchanged images
-                sel = [at[j] for j in np.flatnonzero(old)]
-                ws[np.ix_(old, new_cols)] = pooled_word_scores(m_all[sel], mask_all[sel], protos[new_cols],
-                                                               pooling=cfg.scoring.pooling)
-                computed_cells += len(sel) * new_cols.size
-        if (~old).any():  # new images: every word
-            sel = [at[j] for j in np.flatnonzero(~old)]
-            ws[~old] = pooled_word_scores(m_all[sel], mask_all[sel], protos, pooling=cfg.scoring.pooling)
-            computed_rows += len(sel)
-            computed_cells += len(sel) * v
+        m_all, mask_all = mu_of([x for x, k in zip(ids, need, strict=True) if k]) if need.any() else (None, None)
+        ws, rows_full, cells = reuse_word_scores(m_all, mask_all, need, prev_rows, live_ws, reuse_cols, protos,
+                                                 pooling=cfg.scoring.pooling)
+        computed_rows += rows_full
+        computed_cells += cells
         scorer.add_word_scores(np.asarray(ids, object), ws, ok)
     res = scorer.result()
     timings["scoring"] = time.perf_counter() - t0
