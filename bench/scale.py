@@ -123,7 +123,8 @@ def write_features(cfg, dim: int, seed: int = 0) -> None:
     import pyarrow.compute as pc
 
     from mask.datasets import dataset_rel
-    from mask.pipeline.extract import ERRORS_SCHEMA, FEATURES_SCHEMA, extractor_name, features_rel
+    from mask.pipeline.extract import ERRORS_SCHEMA, FEATURES_SCHEMA
+    from mask.pipeline.identity import extractor_name, features_rel
     from mask.storage import Store
 
     store = Store(cfg.storage.root)
@@ -169,9 +170,11 @@ def one_size(n: int, args) -> dict:
     logging.basicConfig(level=logging.WARNING)
     from bench.gallery import add_features, make_world, write_gallery
     from mask.config import load_config
-    from mask.pipeline.build import build_knowledge, ensure_dataset, train_job
+    from mask.pipeline.build import build_knowledge
     from mask.pipeline.reindex import reindex
     from mask.pipeline.runtime import JobContext, init_ray
+    from mask.pipeline.steps import ensure_dataset
+    from mask.pipeline.train import train_job
 
     tmp = tempfile.mkdtemp(prefix=f"bench-scale-{n}-")
     vg = os.path.join(tmp, "vg")

@@ -46,7 +46,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+import mask
 from mask.errors import MaskError
+from mask.faults import kill_point
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +354,6 @@ def _git_sha(repo: Path) -> str | None:
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """``mask.__version__``, plus ``+g<sha12>`` when the package runs from a git checkout with commits."""
-    import mask
 
     version = mask.__version__
     sha = _git_sha(Path(mask.__file__).resolve().parent.parent)
@@ -989,9 +990,7 @@ class ArtifactWriter:
             "mlflow_run_id": mlflow_run_id,
             "extra": redact(dict(extra or {})),
         }
-        from mask.faults import kill_point
-
-        kill_point(f"commit:{self.kind}")  # tests: the committing process dies before its manifest lands
+        kill_point(f"commit.{self.kind}")  # tests: the committing process dies before its manifest lands
         self.store.write_json(f"{self.rel}/{MANIFEST}", manifest)
         self._state = "committed"
         logger.info("committed artifact %s (%s, %d parts, %d rows)", self.uri, self.kind, len(parts),

@@ -180,7 +180,7 @@ def test_local_storage_root_is_refused_on_the_cluster(sim, tmp_path):
 def test_extraction_scales_out_to_gpu_nodes_and_survives_a_node_loss(sim):
     cluster, bucket, endpoint = sim
     from mask.config import load_config
-    from mask.pipeline.extract import features_rel
+    from mask.pipeline.identity import features_rel
 
     n_images = 16
     prefix = "extract"

@@ -1,6 +1,6 @@
 """A process lost while it commits a manifest: the artifact is committed whole or not at all, and the
 rerun completes (every image exactly once).  The job runs in its own process (its own local Ray) and
-is SIGKILLed at ``commit:features`` (mask.faults), just before the features manifest would land."""
+is SIGKILLed at ``commit.features`` (mask.faults), just before the features manifest would land."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.integration
 def test_killed_at_manifest_commit_leaves_nothing_half_committed_and_rerun_completes(tmp_path):
     from mask.config import load_config
-    from mask.pipeline.extract import features_rel
+    from mask.pipeline.identity import features_rel
     from mask.storage import Store
 
     folder = _photo_folder(tmp_path / "photos", 4)
@@ -28,7 +28,7 @@ def test_killed_at_manifest_commit_leaves_nothing_half_committed_and_rerun_compl
             f"gallery.path={folder}", "gallery.name=photos", "ray.num_cpus=2", *DETECTOR]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, str(ROOT / "jobs" / "extract_regions.py"), *args]
-    died = subprocess.run(cmd, cwd=ROOT, env={**env, "MASK_FAULT_INJECT": "kill:commit:features"},
+    died = subprocess.run(cmd, cwd=ROOT, env={**env, "MASK_FAULT_INJECT": "commit.features"},
                           capture_output=True, text=True, timeout=600)
     assert died.returncode == -9, died.stderr[-3000:]
     assert "fault injection: killing process" in died.stderr

@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pyarrow as pa
 
-from mask.pipeline.build import region_word_map
 from mask.pipeline.regionwords import RegionWords
+from mask.pipeline.steps import region_word_map
 from mask.storage import Store
 
 

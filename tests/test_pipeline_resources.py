@@ -38,8 +38,7 @@ def test_pool_sizes_validated_and_num_actors_pins_the_pool():
 
 
 def test_pool_fields_do_not_change_artifact_identity():
-    from mask.pipeline.base_scores import model_tag
-    from mask.pipeline.extract import extractor_name
+    from mask.pipeline.identity import extractor_name, model_tag
 
     a, b = load_config("demo"), load_config("demo", ["detector.num_gpus=1", "detector.max_actors=9",
                                                       "detector.device=cpu", "clip.num_gpus=1"])
@@ -54,7 +53,7 @@ def test_no_start_time_cluster_sizing_left():
             if re.search(r"cluster_resources\(|cluster_gpus\(|ActorPoolStrategy\(size=|concurrency=", line)]
     # the one fixed pool left: the region → word join of the training inputs, a CPU stage of one actor
     # (its map is the constructor's argument, held once); not sized from the cluster either
-    assert [h for h in hits if h.split(":")[0] != "mask/pipeline/build.py"] == []
+    assert [h for h in hits if h.split(":")[0] != "mask/pipeline/train.py"] == []
     assert len(hits) == 1
 
 
@@ -153,7 +152,7 @@ def test_auto_device_without_cuda_falls_back_to_cpu_and_warns(monkeypatch, caplo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])  # what a fake GPU node assigns
-    monkeypatch.setattr(resources, "_node_cpus", lambda: 4)
+    monkeypatch.setattr(resources, "node_cpus", lambda: 4)
     monkeypatch.setattr(resources, "node_id", lambda: "n1")
     before = torch.get_num_threads()
     try:

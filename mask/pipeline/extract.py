@@ -10,7 +10,7 @@ rerun resumes from them.
 
 Fault tolerance is Ray's own: a detector actor that dies is restarted (``detector.max_restarts``)
 and its in-flight batches are retried on the new actor (``max_task_retries``); decode and write
-tasks are retried by Ray's task retries.  Tests kill an actor through :data:`FAULT_ENV`.
+tasks are retried by Ray's task retries.  Tests kill an actor through :mod:`mask.faults` (``detect_batch``).
 
 On CPU-only clusters each detector actor reserves one CPU in Ray (so decode and write tasks keep
 CPUs to run on), but runs torch with ``detector.cpu_threads`` threads (default: the cluster's CPUs
@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 import warnings
@@ -38,18 +37,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mask.config import POOL_FIELDS, DetectorConfig, MaskConfig
-from mask.storage import Store, fingerprint
+from mask.config import DetectorConfig, MaskConfig
+from mask.faults import driver_spec, exit_point
+from mask.features.extractor import RegionExtractor, spec_from_config
+from mask.features.images import ImageError, decode_image, resize_for_detector
+from mask.pipeline.identity import extractor_name, features_rel
+from mask.pipeline.resources import actor_device, ensure_gpus, node_id, pool_args
+from mask.storage import Store
 
 logger = logging.getLogger(__name__)
 
-#: Read by the driver (fault tests only): ``detect_batch:<n>:<marker path>`` makes a detector actor
-#: exit hard (``os._exit``) at its n-th batch, once (the marker file records that it fired).
-FAULT_ENV = "MASK_FAULT_INJECT"
-
-#: Detector fields that change how extraction runs, never what it produces (images are batched by
-#: equal shape without padding, RoI chunks do not change results): left out of the artifact name.
-EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "max_restarts", "roi_chunk"}) | POOL_FIELDS
 
 FEATURES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -77,17 +74,6 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
-def extractor_name(det: DetectorConfig) -> str:
-    """Folder name of a detector configuration: readable prefix + hash of every field that shapes the
-    features (not :data:`EXECUTION_FIELDS`, so a rerun with another batch size or actor count resumes)."""
-    h = fingerprint(det.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)))[:10]
-    return f"{det.backend}-r{det.depth}-{det.mode}-{h}"
-
-
-def features_rel(dataset: str, det: DetectorConfig) -> str:
-    return f"features/{dataset}/{extractor_name(det)}"
-
-
 def _batch_part_name(image_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:24]
 
@@ -98,8 +84,6 @@ def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
 
     Failures become error rows (``stage``, ``error``, ``message``), never exceptions.
     """
-    from mask.features.extractor import spec_from_config
-    from mask.features.images import ImageError, decode_image, resize_for_detector
 
     det = DetectorConfig.model_validate(det_cfg)
     pixel_mean = spec_from_config(det).pixel_mean_bgr
@@ -129,8 +113,6 @@ def read_uri(uri: str, options: dict[str, Any]) -> bytes:
     """Bytes of a local path or URI; a missing or unreadable file raises ImageError (stage ``read``)."""
     import fsspec
 
-    from mask.features.images import ImageError
-
     try:
         with fsspec.open(uri, "rb", **(options if uri.startswith("s3://") else {})) as f:
             return f.read()
@@ -147,19 +129,6 @@ def _object_array(items: list) -> np.ndarray:
     return arr
 
 
-def _maybe_inject_fault(batch_no: int, spec: str) -> None:
-    """Fault injection for the tests: ``detect_batch:<n>:<marker>`` kills this actor once at its n-th batch."""
-    if not spec.startswith("detect_batch:"):
-        return
-    from pathlib import Path
-
-    _, at, marker = spec.split(":", 2)
-    if int(at) == batch_no and not Path(marker).exists():
-        Path(marker).write_text("fired")
-        logger.warning("fault injection: killing this detector actor at its batch %d", batch_no)
-        os._exit(1)
-
-
 class DetectStage:
     """Actor stage: one detector per actor, batched forward over the decoded images.
 
@@ -167,14 +136,11 @@ class DetectStage:
         det_cfg: the detector config (dumped).
         weights: (storage root, options, artifact) of committed detector weights, or None.
         cpu_threads: torch threads of this actor (None: leave torch's/Ray's setting).
-        fault: a :data:`FAULT_ENV` spec (tests), or "".
+        fault: a :mod:`mask.faults` spec (tests), or "".
     """
 
     def __init__(self, det_cfg: dict[str, Any], weights: tuple[str, dict, str] | None,
                  cpu_threads: int | None = None, fault: str = ""):
-        from mask.features.extractor import RegionExtractor
-        from mask.pipeline.resources import actor_device, node_id
-
         self.fault = fault
         self.batches = 0
         cfg = DetectorConfig.model_validate(det_cfg)
@@ -190,7 +156,7 @@ class DetectStage:
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         self.batches += 1
-        _maybe_inject_fault(self.batches, self.fault)
+        exit_point("detect_batch", self.batches, self.fault)
         n = len(batch["image_id"])
         ok = [i for i in range(n) if not batch["error"][i]]
         results: dict[int, dict] = {}
@@ -323,14 +289,13 @@ def write_batch(batch: pa.Table, root: str, options: dict[str, Any], rel: str, r
     if bad.num_rows:
         err_name = f"{run_dir}/{name}.parquet"
         store.write_parquet(f"{rel}/_errors/parts/{err_name}", bad)
+    node = batch["detect_node"][0].as_py() if "detect_node" in batch.column_names and batch.num_rows else ""
     kinds: dict[str, int] = {}
     for st, er in zip(bad["stage"].to_pylist(), bad["error"].to_pylist(), strict=True):
         kinds[f"{st}.{er}"] = kinds.get(f"{st}.{er}", 0) + 1
-    node = batch["detect_node"][0].as_py() if "detect_node" in batch.column_names and batch.num_rows else ""
     return {"part": np.array([out_name]), "rows": np.array([good.num_rows]),
             "errors_part": np.array([err_name]), "error_rows": np.array([bad.num_rows]),
-            "error_kinds": np.array([json.dumps(kinds, sort_keys=True)]),
-            "node": np.array([node])}
+            "error_kinds": np.array([json.dumps(kinds, sort_keys=True)]), "node": np.array([node])}
 
 
 def committed_image_ids(store: Store, rel: str) -> set[str]:
@@ -366,8 +331,6 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
         Whatever the Ray Data pipeline raised (after committing the batches that had finished).
     """
     import ray
-
-    from mask.pipeline.resources import ensure_gpus, pool_args
 
     det = det or cfg.detector
     rel = features_rel(dataset, det)
@@ -414,7 +377,7 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
             # remote-args kwargs that carry them are deprecated (removal announced for Ray 2.64).
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
             ds = ds.map_batches(DetectStage,
-                                fn_constructor_args=(det.model_dump(), weights, None, os.environ.get(FAULT_ENV, "")),
+                                fn_constructor_args=(det.model_dump(), weights, None, driver_spec()),
                                 batch_size=bs, **pool_args(det), **retries)
         ds = ds.map_batches(write_batch, fn_kwargs={"root": cfg.storage.root, "options": cfg.storage.options,
                                                     "rel": rel, "run_dir": run_dir},

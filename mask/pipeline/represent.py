@@ -11,6 +11,7 @@ region representations μ (eq. 1/3, the mean of the PAE's distribution).  Two us
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -19,6 +20,9 @@ import pyarrow as pa
 import torch
 
 from mask.config import RepresentConfig
+from mask.knowledge import PrototypeAccumulator
+from mask.models import load_pae
+from mask.pipeline.resources import actor_device, pool_args
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +34,9 @@ class MuStage:
                  region_words: dict[str, list[str]] | None = None, mode: str = "images", seed: int = 0,
                  keep_ids: list[str] | None = None, threads: int | None = None, device: str = "auto",
                  max_actors: int | None = None):
-        from mask.models import load_pae
-        from mask.pipeline.resources import actor_device
 
+        # in a pool: threads = represent.cpu_threads or the node's CPUs / max actors; in-process
+        # (max_actors None, no threads): torch's setting is kept
         self.device = actor_device(device, "represent", threads, max_actors)
         self.pae = load_pae(pae_bytes).to(self.device).eval()
         self.mode = mode
@@ -110,21 +114,18 @@ class MuStage:
 
 
 def _sample_key(seed: int, region_id: str, word: int) -> int:
-    import hashlib
 
     h = hashlib.blake2b(f"{seed}|{region_id}|{word}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
 
 
 def knowledge_pass(features_ds, pae_bytes: bytes, word_index: dict[str, int],
-                   region_words: dict[str, list[str]], latent_dim: int, seed: int,
-                   pool: RepresentConfig | None = None):
+                   region_words, latent_dim: int, seed: int, pool: RepresentConfig | None = None):
     """Eq. 2 over every VG region in one streaming pass; returns a merged PrototypeAccumulator.
 
-    ``pool``: the μ stage's resources and pool sizes (``represent`` config; None = its defaults)."""
-    from mask.knowledge import PrototypeAccumulator
-    from mask.pipeline.resources import pool_args
-
+    ``region_words``: region_id → words (a dict, or a :class:`mask.pipeline.regionwords.RegionWords`
+    each actor loads from the regions artifact); ``pool``: the μ stage's resources and pool sizes
+    (``represent`` config; None = its defaults)."""
     pool = pool or RepresentConfig()
     acc = PrototypeAccumulator(len(word_index), latent_dim, seed=seed)
     ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, word_index, region_words, "partials", seed,
@@ -144,8 +145,6 @@ def image_representations(features_ds, pae_bytes: bytes, pool: RepresentConfig |
 
     ``pool``: the μ stage's resources and pool sizes (``represent`` config; None = its defaults).
     """
-    from mask.pipeline.resources import pool_args
-
     pool = pool or RepresentConfig()
     ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, None, None, "images", 0, keep_ids,
                                                                pool.cpu_threads, pool.device, pool.pool_sizes()[1]),
@@ -167,26 +166,3 @@ def mu_table(batches) -> pa.Table:
                      "latent_dim": pa.array(rows["latent_dim"], pa.int32())})
 
 
-def padded_mu(table: pa.Table, image_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """μ rows in the order of ``image_ids`` → (N, R, Z) and mask (N, R) (one flat copy out of Arrow,
-    no per-row Python lists)."""
-    index = {x: i for i, x in enumerate(table.column("image_id").to_pylist())}
-    missing = [x for x in image_ids if x not in index]
-    if missing:
-        raise KeyError(f"no region representations for {len(missing)} images, e.g. {missing[:3]}")
-    z = int(table.column("latent_dim")[0].as_py()) if table.num_rows else 0
-    counts = np.asarray(table.column("num_boxes").to_numpy(zero_copy_only=False), np.int64)
-    col = table.column("mu").combine_chunks() if table.num_rows else None
-    flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32) if col is not None else None
-    offsets = np.asarray(col.offsets.to_numpy(), np.int64) if col is not None else None
-    starts = offsets[:-1] - offsets[0] if col is not None else None  # flatten() starts at the first offset
-    rows = np.asarray([index[x] for x in image_ids], np.int64)
-    r = int(max(counts[rows].max(initial=0), 1)) if rows.size else 1
-    out = np.zeros((len(image_ids), r, z), np.float32)  # (N, R, Z)
-    mask = np.zeros((len(image_ids), r), bool)  # (N, R)
-    for j, i in enumerate(rows):
-        c = int(counts[i])
-        if c:
-            out[j, :c] = flat[starts[i]:starts[i] + c * z].reshape(c, z)
-            mask[j, :c] = True
-    return out, mask

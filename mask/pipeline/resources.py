@@ -57,7 +57,7 @@ def node_id() -> str:
         return ""
 
 
-def _node_cpus() -> int:
+def node_cpus() -> int:
     """CPUs of the Ray node this process runs on (os.cpu_count() outside Ray)."""
     import os
 
@@ -102,7 +102,7 @@ def actor_device(device: str, stage: str, cpu_threads: int | None = None, max_ac
     dev = torch.device("cuda" if device != "cpu" and cuda else "cpu")
     if dev.type == "cpu":
         if cpu_threads or max_actors:
-            torch.set_num_threads(cpu_threads or max(1, _node_cpus() // max(1, max_actors)))
+            torch.set_num_threads(cpu_threads or max(1, node_cpus() // max(1, max_actors)))
         threads = torch.get_num_threads()
         if gpu_ids and device == "auto":
             logger.warning("%s: Ray assigned GPU %s to this actor but torch sees no CUDA device; "
