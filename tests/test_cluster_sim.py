@@ -33,7 +33,7 @@ from simcluster import FAKE_HEAD_NODE_ID, SimCluster, kill_tree
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 #: A tiny detector on CPU actors that ask Ray for one (logical) GPU each.
 DETECTOR = ["detector.min_size=128", "detector.max_size=160", "detector.rpn_post_nms_topk=40",
@@ -89,18 +89,35 @@ class Job:
             assert time.monotonic() < deadline, f"ray job submit kept failing:\n{text[-3000:]}"
             time.sleep(3)
 
-    def _cli(self, *what: str) -> str:
+    def _sdk(self, what: str) -> str:
+        """Status / logs through the Job SDK in this process (a CLI call costs a Python start-up: ~30 s
+        on a loaded machine); the token comes from ~/.ray/auth_token as for the CLI."""
+        from ray.job_submission import JobSubmissionClient
+
+        last: Exception | None = None
         for _ in range(20):  # the dashboard may drop a request under load
-            out = subprocess.run([str(BIN / "ray"), "job", *what, "--address", self.cluster.dashboard, self.sid],
-                                 env=_client_env(), capture_output=True, text=True, timeout=120)
-            if out.returncode == 0:
-                return out.stdout + out.stderr
-            time.sleep(3)
-        raise AssertionError(f"ray job {' '.join(what)} {self.sid} kept failing:\n{out.stdout + out.stderr}")
+            try:
+                os.environ["RAY_AUTH_MODE"] = "token"
+                client = JobSubmissionClient(self.cluster.dashboard)
+                if what == "status":
+                    return str(client.get_job_status(self.sid))
+                if what == "stop":
+                    client.stop_job(self.sid)
+                    return ""
+                return client.get_job_logs(self.sid)
+            except Exception as e:  # noqa: BLE001 — retried, then reported
+                last = e
+                time.sleep(3)
+            finally:
+                os.environ.pop("RAY_AUTH_MODE", None)
+        raise AssertionError(f"job {what} of {self.sid} kept failing: {last}")
+
+    _cli = _sdk
 
     def status(self) -> str:
+        got = self._sdk("status")
         for st in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-            if st in self._cli("status"):
+            if st in got:
                 return st
         return "UNKNOWN"
 

@@ -169,7 +169,7 @@ def check_storage_reachable(cfg: MaskConfig) -> None:
     nodes = len(_alive_nodes())
     scaling = autoscaler_running()
     if nodes > 1 or scaling:
-        why = f"{nodes} nodes" + (" and an autoscaler that may add more" if scaling else "")
+        why = f"{nodes} node{'s' if nodes != 1 else ''}" + (" and an autoscaler that may add more" if scaling else "")
         raise ConfigError(
             f"storage.root={cfg.storage.root!r} is a local path, but this Ray cluster has {why}: each node "
             "would write its artifact parts to its own disk. Set storage.root=s3://bucket/prefix (object "
