@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -93,8 +94,9 @@ class SimCluster:
                         RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="token",
                         PATH=f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}")
         self.env.pop("RAY_ADDRESS", None)
-        self.head: subprocess.Popen | None = None
+        self.head: subprocess.Popen | None = None  # unused: the head is not a --block child
         self.session_dir: str | None = None
+        self.session_name: str | None = None
         self.worker_raylets: set[int] = set()
 
     @property
@@ -106,8 +108,10 @@ class SimCluster:
         return f"http://127.0.0.1:{self.dash}"
 
     def start(self, attempts: int = 8) -> SimCluster:
-        """Start the head; on a loaded machine ``ray start`` can miss Ray's fixed 30 s raylet start-up
-        window and exit, so a head that exits before "Ray runtime started" is started again."""
+        """Start the head with ``ray start --head`` (not ``--block``: a blocking head kills the whole node
+        when one helper, e.g. the Ray Client server, misses a start-up timeout on a loaded machine).
+        Everything of this cluster is later found by its session name and stopped by PID.  A head that
+        misses Ray's fixed 30 s raylet start-up window is started again."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "autoscaling.yaml"
         for attempt in range(attempts):
@@ -115,34 +119,28 @@ class SimCluster:
             self.config["provider"]["gcs_address"] = self.address
             cfg.write_text(json.dumps(self.config))  # JSON is YAML
             log = self.workdir / f"head-{attempt}.log"
-            self.head = subprocess.Popen(
-                [str(self.bin / "ray"), "start", "--head", "--block", f"--port={self.port}",
+            proc = subprocess.run(
+                [str(self.bin / "ray"), "start", "--head", f"--port={self.port}",
                  f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--autoscaling-config={cfg}",
                  "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", "--disable-usage-stats"],
-                env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and self.head.poll() is None \
-                    and b"Ray runtime started" not in log.read_bytes():
-                time.sleep(1)
-            if self.head.poll() is None and b"Ray runtime started" in log.read_bytes():
+                env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=600)
+            text = log.read_text(errors="replace")
+            m = re.search(r"/tmp/ray/(session_[0-9_-]+)", text)
+            self.session_name = m.group(1) if m else None
+            self.session_dir = f"/tmp/ray/{self.session_name}" if m else None
+            if proc.returncode == 0 and "Ray runtime started" in text:
                 _wait_port(self.dash, timeout=180)
-                self.session_dir = self._session_dir()
                 return self
             self.stop()  # whatever of this attempt is left, by PID
         raise RuntimeError(f"the simulated cluster's head did not start in {attempts} attempts "
                            f"(see {self.workdir}/head-*.log)")
 
-    def _session_dir(self) -> str | None:
-        """The session directory of this head (its raylet's command line names it)."""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for pid in _children(self.head.pid):
-                cmd = _cmdline(pid)
-                for arg in cmd:
-                    if arg.startswith("--session_dir="):
-                        return arg.split("=", 1)[1]
-            time.sleep(0.5)
-        return None
+    def pids(self) -> list[int]:
+        """Every process of this cluster: its session name is on each one's command line."""
+        if not self.session_name:
+            return []
+        me = os.getpid()
+        return [p for p in _all_pids() if p != me and any(self.session_name in a for a in _cmdline(p))]
 
     def raylets(self) -> dict[int, str]:
         """PID → fake node id of the worker raylets of this cluster (not the head's)."""
@@ -171,22 +169,29 @@ class SimCluster:
         raise TimeoutError(f"{what}: not within {timeout}s")
 
     def stop(self) -> None:
-        """Stop the head (SIGINT to its ``--block`` process, then the group) and the worker raylets."""
+        """Stop every process of this cluster by PID (SIGTERM, then SIGKILL): the head's and the fake
+        worker nodes' (their raylets outlive the head).  Never ``ray stop``."""
         self.raylets()
-        if self.head is not None and self.head.poll() is None:
-            self.head.send_signal(signal.SIGINT)
+        pids = set(self.pids()) | set(self.worker_raylets)
+        for p in pids:
             try:
-                self.head.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.head.pid, signal.SIGKILL)
-                self.head.wait(timeout=30)
-        if self.head is not None:
-            try:
-                os.killpg(self.head.pid, signal.SIGKILL)  # stragglers of the head's own group
+                os.kill(p, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for pid in sorted(self.worker_raylets):
-            kill_tree(pid)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_running(p) for p in pids):
+            time.sleep(0.5)
+        for p in pids:
+            if _running(p):
+                kill_tree(p)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _all_pids() -> list[int]:
