@@ -97,8 +97,9 @@ class Job:
         last: Exception | None = None
         for _ in range(20):  # the dashboard may drop a request under load
             try:
-                os.environ["RAY_AUTH_MODE"] = "token"
-                client = JobSubmissionClient(self.cluster.dashboard)
+                token = (Path.home() / ".ray" / "auth_token").read_text().strip()  # what `ray start` uses
+                client = JobSubmissionClient(self.cluster.dashboard,
+                                             headers={"authorization": f"Bearer {token}"})
                 if what == "status":
                     return str(client.get_job_status(self.sid))
                 if what == "stop":
@@ -108,8 +109,6 @@ class Job:
             except Exception as e:  # noqa: BLE001 — retried, then reported
                 last = e
                 time.sleep(3)
-            finally:
-                os.environ.pop("RAY_AUTH_MODE", None)
         raise AssertionError(f"job {what} of {self.sid} kept failing: {last}")
 
     _cli = _sdk
