@@ -596,9 +596,11 @@ def base_scores_job(cfg: MaskConfig) -> dict[str, Any]:
     from mask import tracking
     from mask.pipeline.build import ensure_dataset
     from mask.pipeline.runtime import JobContext
+    from mask.preflight import check_inputs
 
     if cfg.gallery is None:
         raise BaseScoresError("the config names no gallery (set gallery.name / gallery.kind / gallery.path)")
+    check_inputs(cfg, ["gallery"], gallery_captions=True)  # before Ray and MLflow start
     ctx = JobContext.from_config(cfg)
     uri = tracking.tracking_uri(cfg.tracking, ctx.store.root) if cfg.tracking.enabled else None
     with tracking.start_run(cfg.tracking, ctx.store.root, f"base_scores:{cfg.gallery.name}", params=cfg.flat(),

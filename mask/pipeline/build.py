@@ -22,6 +22,7 @@ import pyarrow as pa
 from mask import tracking
 from mask.config import MaskConfig
 from mask.pipeline.runtime import JobContext, cluster_gpus, init_ray
+from mask.preflight import PreflightError, check_inputs
 from mask.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -500,6 +501,7 @@ def train_job(cfg: MaskConfig) -> dict[str, Any]:
         ``training`` (run name, checkpoint URI, epochs, steps, resumes, final losses, pairs/s) and
         ``mlflow`` (tracking URI, run id).
     """
+    check_inputs(cfg, ["dataset"])  # before Ray and MLflow start
     ctx = JobContext.from_config(cfg)
     init_ray(cfg)
     uri = tracking.tracking_uri(cfg.tracking, ctx.store.root)
@@ -520,6 +522,9 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
     from mask.knowledge_artifact import load_knowledge, save_knowledge
     from mask.pipeline.represent import knowledge_pass
 
+    # every check that needs no computation, before Ray and MLflow start (a captionless gallery fails here,
+    # not after training)
+    check_inputs(cfg, ["dataset", "gallery"] if cfg.gallery is not None else ["dataset"], gallery_captions=True)
     ctx = JobContext.from_config(cfg)
     init_ray(cfg)
     store: Store = ctx.store
@@ -565,13 +570,14 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
 
         summary["gap"] = log_gap_measures(store, cfg, table, knowledge_checkpoint(store, krel), run)
         summary["mlflow"] = {"tracking_uri": uri, "run_id": run_id}
+        # 5. evaluation on the gallery, if any
+        if cfg.gallery is not None:
+            summary["evaluation"] = evaluate_gallery(ctx, table, pae_bytes, inputs.det_weights, run)
+        # 6. register last: a model version (and the move of alias `latest`) only for a run that succeeded
         if run_id is not None:
             summary["mlflow"]["model_version"] = tracking.register_knowledge(
                 cfg.tracking, store.root, store.uri(krel), run_id,
                 {"features": summary["features"]["features_uri"], "config_hash": version})
-        # 5. evaluation on the gallery, if any
-        if cfg.gallery is not None:
-            summary["evaluation"] = evaluate_gallery(ctx, table, pae_bytes, inputs.det_weights, run)
     return summary
 
 
@@ -601,10 +607,9 @@ def extract_dataset(cfg: MaskConfig, target: str = "dataset") -> dict[str, Any]:
     from mask.pipeline.extract import run_extraction
 
     if target not in ("dataset", "gallery"):
-        raise ValueError(f"--target must be 'dataset' or 'gallery', got {target!r}")
+        raise PreflightError(f"--target must be 'dataset' or 'gallery', got {target!r}")
     dcfg = cfg.dataset if target == "dataset" else cfg.gallery
-    if dcfg is None:
-        raise ValueError("the config names no gallery")
+    check_inputs(cfg, [target])  # before Ray and MLflow start (also: no gallery configured)
     ctx = JobContext.from_config(cfg)
     init_ray(cfg)
     with tracking.start_run(cfg.tracking, ctx.store.root, f"extract_regions:{dcfg.name}", params=cfg.flat(),

@@ -60,6 +60,7 @@ from mask.pipeline.index import (  # noqa: F401 - re-exported: the index's order
     recall_from_topk,
 )
 from mask.pipeline.runtime import JobContext
+from mask.preflight import check_inputs
 from mask.storage import Store, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -272,6 +273,7 @@ def score_gallery(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str
 
     if cfg.gallery is None:
         raise GalleryError("the config names no gallery (set gallery.name / gallery.kind / gallery.path)")
+    check_inputs(cfg, ["gallery"], gallery_captions=True)  # before Ray / MLflow start, as the knowledge
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     knowledge = resolve_and_load_knowledge(cfg, store, knowledge_ref)  # fails before Ray / MLflow start
@@ -434,10 +436,16 @@ def load_base_scores(path: str, image_ids: list[str], caption_ids: list[str],
         return BaseScores(matrix=mat, directions=("t2i", "i2t"), missing=missing)
     raw = _read_bytes(path, storage_options or {}) if raw is None else raw
     if path.endswith(".npy"):
+        if not raw.startswith(b"\x93NUMPY"):
+            # np.load takes anything without the NumPy magic for a pickle, and would say "pickled data"
+            raise BaseScoresError(f"{name}: not a .npy file (no NumPy header; it starts with {raw[:8]!r}); "
+                                  "save the (images × captions) matrix with numpy.save")
         try:
             arr = np.load(io.BytesIO(raw), allow_pickle=False)
         except ValueError as e:
-            raise BaseScoresError(f"{name}: not a readable .npy matrix ({e})") from None
+            why = "it holds Python objects (dtype object), not numbers" if "pickle" in str(e) else str(e)
+            raise BaseScoresError(f"{name}: not a readable .npy matrix: {why}; save a float matrix with "
+                                  "numpy.save") from None
         if arr.ndim != 2 or arr.shape != (n, t):
             raise BaseScoresError(f"{name}: has shape {arr.shape}, the gallery has {n} images × {t} captions "
                                   "(rows/columns in the order of the index's images.parquet / captions.parquet)")
@@ -679,6 +687,7 @@ def evaluate_job(cfg: MaskConfig, index_ref: str | None = None, scores_path: str
     """
     if protocol not in PROTOCOLS:
         raise GalleryError(f"--protocol {protocol!r}: expected one of {PROTOCOLS}")
+    check_inputs(cfg, [])  # the storage root is writable (the MLflow store lives there)
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     rel = find_index(cfg, store, index_ref)

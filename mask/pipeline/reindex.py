@@ -30,6 +30,7 @@ from mask import tracking
 from mask.config import MaskConfig
 from mask.faults import kill_point
 from mask.pipeline.runtime import JobContext
+from mask.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
 
     if cfg.gallery is None:
         raise GalleryError("the config names no gallery (set gallery.name / gallery.kind / gallery.path)")
+    check_inputs(cfg, ["gallery"], gallery_captions=True)  # before the lease, Ray and MLflow
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     name = cfg.gallery.name

@@ -416,7 +416,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if meta is not None:
         start_epoch, step, resumes = meta["epoch"] + 1, meta["step"], int(meta.get("resumes", 0)) + 1
     dist = world > 1 and torch.distributed.is_initialized()
-    word_vectors = torch.from_numpy(wv_np).to(device)
+    word_vectors = torch.tensor(wv_np, device=device)  # a copy: wv_np is a read-only view of Ray's object store
     shard = ray.train.get_dataset_shard("train")
     client = None
     run_id = config.get("mlflow_run_id")
