@@ -174,3 +174,27 @@ def test_missing_knowledge_alias_in_override_reaches_the_resolver(tmp_path):
     line = _one_line(_job("jobs/reindex.py", f"storage.root={root}", "gallery.name=demo_gallery", "gallery.kind=demo",
                           "index.knowledge=@nope"))
     assert "nope" in line and "found character" not in line
+
+
+def test_missing_knowledge_is_one_line(tmp_path):
+    line = _one_line(_job("jobs/score_gallery.py", f"storage.root={tmp_path / 'r'}", "gallery.name=demo_gallery",
+                          "gallery.kind=demo", "--knowledge", "knowledge/k-nope"))
+    assert "knowledge/k-nope" in line and "does not exist" in line
+
+
+# ---------------------------------------------------------------- a quiet console
+
+
+def test_extraction_console_has_no_warnings_tracebacks_or_colour_codes(tmp_path):
+    """A successful extraction job (a tiny demo slice, its own local Ray; ~1 min, the heaviest test here)
+    writes no Python warning, no traceback and no ANSI escape to a redirected stderr: the read-only NumPy
+    blob (mask/features/extractor.py) is copied before torch, `region_ids` leave the decode stage as lists
+    (no Arrow pickle fallback), and Ray's worker-log prefixes are uncoloured (RAY_COLOR_PREFIX=0)."""
+    p = _job("jobs/extract_regions.py", f"storage.root={tmp_path / 'r'}", "dataset.limit=12", "detector.batch_size=6",
+             "detector.rpn_post_nms_topk=40", "detector.calibrate_random=false", "tracking.enabled=false",
+             "ray.num_cpus=2", timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    bad = [x for x in p.stderr.splitlines()
+           if "Warning:" in x or "Traceback" in x or "\x1b[" in x or "falling back to serialize" in x]
+    assert bad == [], "\n".join(bad[:20])
+    assert '"extracted": 12' in p.stdout

@@ -208,6 +208,9 @@ def training_dataset(store: Store, features_rel_: str, region_words: dict[str, l
     ds = features_dataset(store, features_rel_, ["image_id", "features", "num_boxes", "feature_dim", "region_ids"])
     ds = ds.map_batches(PairJoin, fn_constructor_args=(ids,), batch_size=256,
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").materialize()
+    # Ray Train splits this dataset again every epoch; a progress bar per epoch split is noise (the
+    # materialisation above had its bar, training reports its epochs)
+    ds.context.enable_progress_bars = False
     images = ds.count()
     # a projection per block (no aggregation shuffle): only the small column reaches the driver
     pairs = sum(int(np.sum(b["num_pairs"])) for b in
