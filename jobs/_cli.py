@@ -122,9 +122,10 @@ def user_error(err: BaseException) -> MaskError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, MaskError):
+        cause = getattr(e, "cause", None)  # RayTaskError(DatasetError) is a DatasetError whose str is a traceback
+        if isinstance(e, MaskError) and not isinstance(cause, MaskError):
             return e
-        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+        todo.extend([cause, e.__cause__, e.__context__])
         failures = getattr(e, "worker_failures", None)
         if isinstance(failures, dict):
             todo.extend(failures.values())

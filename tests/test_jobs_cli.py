@@ -97,7 +97,17 @@ def test_run_maps_project_errors_to_one_line(capsys):
         except DatasetError as e:
             raise RuntimeError("RayTaskError(DatasetError): long\ntraceback") from e
 
+    def from_a_worker():  # RayTaskError(DatasetError) is a DatasetError whose str() is the worker's traceback
+        import ray.exceptions
+
+        try:
+            raise DatasetError("gallery.captions /x/c.txt: line 3 has no text")
+        except DatasetError as e:
+            raise ray.exceptions.RayTaskError("read", "Traceback (most recent call last):\n  File x", e
+                                              ).as_instanceof_cause() from None
+
     for main, code, needle in [(wrapped, 2, "error: dataset.path /x/vg: no such file or folder; fix the path"),
+                               (from_a_worker, 2, "error: gallery.captions /x/c.txt: line 3 has no text"),
                                (lambda: (_ for _ in ()).throw(NonFiniteLoss("loss_ir", "nan", 3)), 1, "loss_ir"),
                                (lambda: {}["boom"], 1, "internal error")]:
         with pytest.raises(SystemExit) as e:
