@@ -84,14 +84,15 @@ def evidence_png(panels: Sequence[Panel], heading: str, columns: int = 3) -> byt
         ax.imshow(p.image)
         # a word matched by the same region as another word shares the box; labels stack inside it
         stacked: dict[tuple[float, ...], int] = {}
+        inset = max(p.image.shape[:2]) / 150  # words sharing a region get nested boxes, each in its colour
         for m in sorted(p.matches, key=lambda m: -m.score):
-            x0, y0, x1, y1 = m.box
-            c = colour[m.word]
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=2.2))
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black", linewidth=0.6))
             level = stacked.get(m.box, 0)
             stacked[m.box] = level + 1
-            ax.text(x0 + 2, y0 + 2 + level * 0.07 * p.image.shape[0], f"{m.word} {m.score:.2f}", fontsize=8,
+            x0, y0, x1, y1 = (m.box[0] + level * inset, m.box[1] + level * inset,
+                              m.box[2] - level * inset, m.box[3] - level * inset)
+            c = colour[m.word]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=2.2))
+            ax.text(m.box[0] + 2, m.box[1] + 2 + level * 0.07 * p.image.shape[0], f"{m.word} {m.score:.2f}", fontsize=8,
                     va="top", ha="left", color="black",
                     bbox={"facecolor": c, "edgecolor": "none", "alpha": 0.85, "pad": 1.5})
         if p.note:
