@@ -92,7 +92,7 @@ def evidence_png(panels: Sequence[Panel], heading: str, columns: int = 3) -> byt
                               m.box[2] - level * inset, m.box[3] - level * inset)
             c = colour[m.word]
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=2.2))
-            ax.text(m.box[0] + 2, m.box[1] + 2 + level * 0.07 * p.image.shape[0], f"{m.word} {m.score:.2f}", fontsize=8,
+            ax.text(m.box[0] + 2, m.box[1] + 2 + level * 0.07 * p.image.shape[0], f"{m.word} {m.score:.3f}", fontsize=8,
                     va="top", ha="left", color="black",
                     bbox={"facecolor": c, "edgecolor": "none", "alpha": 0.85, "pad": 1.5})
         if p.note:
