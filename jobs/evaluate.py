@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scores", default=None, help="dense .npy (images × captions) in the index's order")
     p.add_argument("--protocol", default="all", choices=["all", "flickr30k-1k", "coco-5k", "coco-5fold-1k"])
     args, cfg = parse_job(p, argv)
-    from mask.pipeline.gallery import evaluate_job
+    from mask.pipeline.evaluate import evaluate_job
 
     summary = evaluate_job(cfg, args.index, args.scores, args.protocol)
     print(summary["table"])

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="what to extract: the training dataset (its ground-truth boxes when it has regions) or "
                         "the gallery (detector.mode boxes) (default: %(default)s)")
     args, cfg = parse_job(p, argv)
-    from mask.pipeline.build import extract_dataset
+    from mask.pipeline.extract_regions import extract_dataset
 
     summary = extract_dataset(cfg, args.target)
     print_summary(summary)

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="knowledge path (under the storage root) / URI, @alias or models:/name/version "
                         "(default: the version this config builds, else the newest registered)")
     args, cfg = parse_job(p, argv)
-    from mask.pipeline.gallery import score_gallery
+    from mask.pipeline.score import score_gallery
 
     summary = score_gallery(cfg, args.knowledge)
     print(summary["table"])

@@ -20,13 +20,24 @@ import os
 import time
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image, ImageOps
 
 from mask.config import MaskConfig
+from mask.datasets.records import dataset_rel
 from mask.errors import MaskError
+from mask.evaluation import padded_mu
+from mask.knowledge import build_prototypes_for
+from mask.pipeline.index import find_index, read_index_file, read_mu, read_rows
+from mask.pipeline.steps import resolve_and_load_knowledge
+from mask.report.evidence import Match, Panel, render_evidence
+from mask.scoring import _fill_padding, fill_score, index_captions, normalize_rows, topk
 from mask.storage import Store
+from mask.text import ContentWordParser
+from mask.vectors import load_vectors, vectors_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +63,6 @@ class QueryEngine:
 
     def __init__(self, cfg: MaskConfig, table, mu: pa.Table, image_ids: list[str], caption_ids: list[str],
                  caption_texts: list[str], caption_words: list[list[str]], parser=None, kv=None):
-        from mask.knowledge import build_prototypes_for
-        from mask.pipeline.represent import padded_mu
-        from mask.scoring import _fill_padding, index_captions, normalize_rows
-        from mask.text import ContentWordParser
-        from mask.vectors import load_vectors, vectors_for
 
         self.cfg = cfg
         self.table = table
@@ -95,8 +101,6 @@ class QueryEngine:
     @classmethod
     def from_index(cls, cfg: MaskConfig, store: Store, rel: str, **kw) -> QueryEngine:
         """Load a committed index (``indexes/<gallery>/<version>``) and its knowledge."""
-        from mask.pipeline.gallery import read_index_file, resolve_and_load_knowledge
-        from mask.pipeline.index import read_mu
 
         info = read_index_file(store, rel, "index.json")
         knowledge = resolve_and_load_knowledge(cfg, store, info["knowledge_uri"])
@@ -119,8 +123,6 @@ class QueryEngine:
             QueryError: no word of the text has a prototype; the message lists every word dropped and why
                 (a stopword, not a noun/adjective, no word vector).
         """
-        from mask.knowledge import build_prototypes_for
-        from mask.scoring import normalize_rows
 
         if not isinstance(text, str):
             raise QueryError(f"query text: expected a str, got {type(text).__name__}")
@@ -155,7 +157,6 @@ class QueryEngine:
         Raises:
             QueryError: no word of the text has a prototype (the dropped words and why are named).
         """
-        from mask.scoring import fill_score, topk
 
         t0 = time.perf_counter()
         words, p = self.words(text)
@@ -186,7 +187,6 @@ class QueryEngine:
         Raises:
             QueryError: the image is not in the index.
         """
-        from mask.scoring import fill_score, topk
 
         t0 = time.perf_counter()
         i = self._image_pos.get(str(image_id))
@@ -231,7 +231,6 @@ def query_job(cfg: MaskConfig, index_ref: str | None, texts: list[str], images: 
         ``{"index", "load_seconds", "text": [...], "image": [...], "shown": [files]}`` (see the
         QueryEngine methods).
     """
-    from mask.pipeline.gallery import find_index
 
     if show is not None and os.path.splitext(show)[1].lower() not in (".png", ".html", ".htm"):
         raise QueryError(f"--show {show}: expected a .png or .html file")
@@ -254,9 +253,6 @@ SHOW_MAX = 9
 
 def show_evidence(store: Store, rel: str, out: dict[str, Any], path: str) -> list[str]:
     """Draw every query of ``out`` (see :func:`query_job`) into ``path`` (``-2``, ``-3`` … for more queries)."""
-    from mask.pipeline.index import read_index_file
-    from mask.report.evidence import Match, Panel, render_evidence
-
     info = read_index_file(store, rel, "index.json")
     queries = [("text", q) for q in out["text"]] + [("image", q) for q in out["image"]]
     ids = sorted({h["image_id"] for kind, q in queries if kind == "text" for h in q["results"][:SHOW_MAX]}
@@ -288,8 +284,6 @@ def show_evidence(store: Store, rel: str, out: dict[str, Any], path: str) -> lis
 
 def _boxes(store: Store, features_uri: str, ids: list[str]) -> dict[str, np.ndarray]:
     """image_id → (n, 4) xyxy boxes in original pixels, from the features artifact the index was built on."""
-    from mask.pipeline.index import read_rows
-
     root = store.root.rstrip("/")
     uri = features_uri.rstrip("/")
     fstore, frel = (store, uri[len(root) + 1:]) if uri.startswith(root + "/") else \
@@ -302,8 +296,6 @@ def _boxes(store: Store, features_uri: str, ids: list[str]) -> dict[str, np.ndar
 
 
 def _image_uris(store: Store, gallery: str, ids: list[str]) -> dict[str, str]:
-    from mask.datasets.records import dataset_rel
-
     rel = dataset_rel(gallery, "images")
     if store.manifest(rel) is None:
         return {}
@@ -317,9 +309,6 @@ def _load_rgb(uri: str | None, store: Store) -> tuple[np.ndarray | None, str]:
     """The image as (H, W, 3) uint8 in the orientation the boxes use (EXIF applied), or (None, why)."""
     if uri is None:
         return None, "image not in the gallery dataset"
-    import fsspec
-    from PIL import Image, ImageOps
-
     try:
         with fsspec.open(uri, "rb", **(store.options or {})) as f, Image.open(f) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB")), ""
