@@ -550,7 +550,7 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
     run_id = getattr(tracker, "run_id", None)
     from mask.pipeline.extract import ERRORS_SCHEMA
 
-    err_table = pa.table({k: pa.array([e[k] for e in errors], pa.string()) for k in ERRORS_SCHEMA.names},
+    err_table = pa.table({k: pa.array([e.get(k) for e in errors], pa.string()) for k in ERRORS_SCHEMA.names},
                          schema=ERRORS_SCHEMA)
     with store.open_artifact(f"{rel}/_errors", kind="base_scores.errors", config_hash=h,
                              inputs={"gallery": gallery}) as w:
