@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-import json
 import os
 import signal
 import subprocess
@@ -65,10 +65,6 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def _summary(stdout: str) -> dict:
-    return json.loads(stdout if stdout.startswith("{") else stdout[stdout.rindex("\n{\n") + 1:])
-
-
 def _uncommitted(store, rel: str) -> list[str]:
     """Part files under the artifacts' folders that their manifests do not list."""
     out = []
@@ -103,13 +99,13 @@ def _stop_leftovers(procs) -> list[str]:
     return left
 
 
-def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path):
+def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path, ray_local):
     """SIGKILL the job's driver once some batches are committed and some written but not yet committed;
     the rerun skips the committed images, sweeps the dead run's parts, and every image is there once."""
     import psutil
 
     from mask.config import load_config
-    from mask.pipeline.extract import RUNS_DIR, features_rel
+    from mask.pipeline.extract import features_rel
     from mask.storage import Store
 
     ids = _gallery_33(tmp_path / "photos")
@@ -119,19 +115,25 @@ def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path):
             "detector.commit_every_batches=5", "detector.commit_every_s=600"]
     store = Store(str(root))
     rel = features_rel("photos", load_config("demo", DETECTOR).detector)
-    proc = subprocess.Popen(_job(args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
     started: dict[int, psutil.Process] = {}
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            for c in psutil.Process(proc.pid).children(recursive=True):
-                started.setdefault(c.pid, c)
-            if _committed_rows(store, rel) >= 5 and _uncommitted(store, rel):
+        for _attempt in range(3):  # Ray's 30 s node start-up limit can be missed on overloaded CI machines
+            proc = subprocess.Popen(_job(args), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and proc.poll() is None:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    for c in psutil.Process(proc.pid).children(recursive=True):
+                        started.setdefault(c.pid, c)
+                if _committed_rows(store, rel) >= 5 and _uncommitted(store, rel):
+                    break
+                time.sleep(0.1)
+            if proc.poll() is None:
                 break
-            time.sleep(0.1)
-        assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, "no commit within 240 s"
+            err = proc.stderr.read().decode()
+            proc.stderr.close()
+            assert "timed out during startup" in err, f"the job ended before it could be killed: {err[-3000:]}"
+        assert proc.poll() is None and time.monotonic() < deadline, "no progress commit within 240 s"
         for c in psutil.Process(proc.pid).children(recursive=True):
             started.setdefault(c.pid, c)
         os.kill(proc.pid, signal.SIGKILL)
@@ -140,16 +142,27 @@ def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        proc.stdout.close()
         proc.stderr.close()
+    try:
+        _rerun_and_check(args, store, rel, ids)
+    finally:
+        # Ray processes the killed driver started: its agents outlive it (they report the raylet's unexpected
+        # death to the already dead GCS, with Ray's 60 s timeout, before exiting); stop what is left
+        _stop_leftovers(list(started.values()))
+    assert not [p for p in started.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _rerun_and_check(args: list[str], store, rel: str, ids: list[str]) -> None:
+    from jobs import extract_regions
+    from mask.pipeline.extract import RUNS_DIR
+
     committed = _committed_rows(store, rel)
     orphans = _uncommitted(store, rel)
     assert 5 <= committed < len(ids) and orphans
     assert store.list(f"{rel}/{RUNS_DIR}"), "the killed run left no lease"
-    # the rerun: resumes, sweeps the dead run's parts (its lease names a process of this host that is gone)
-    rerun = subprocess.run(_job(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
-    s = _summary(rerun.stdout)["features"]
+    # the rerun (here, on the session's Ray): resumes, sweeps the dead run's parts (its lease names a
+    # process of this host that is gone)
+    s = extract_regions.main(args)["features"]
     assert (s["images"], s["done_before"], s["swept_parts"]) == (len(ids), committed, len(orphans))
     assert s["extracted"] + s["errors"] == len(ids) - committed
     feats, errs = store.read_table(rel), store.read_table(f"{rel}/_errors")
@@ -158,11 +171,6 @@ def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path):
     assert feats.num_rows == 24 and errs.num_rows == 9
     assert _uncommitted(store, rel) == []  # the orphaned parts are gone
     assert store.list(f"{rel}/{RUNS_DIR}") == []  # and the leases of both runs
-    # Ray processes the killed driver started: its agents outlive it (they report the raylet's unexpected
-    # death to the already dead GCS, with Ray's 60 s timeout, before exiting); stop what is left
-    leftovers = _stop_leftovers(list(started.values()))
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started.values()
-                   if psutil.pid_exists(p.pid)), leftovers
 
 
 def test_sweep_spares_a_live_run_and_takes_a_dead_one(tmp_path):

@@ -226,14 +226,25 @@ def resolve_and_load_knowledge(cfg: MaskConfig, store: Store, ref: str | None) -
 # ---------------------------------------------------------------- scoring
 
 
-def index_version(cfg: MaskConfig, knowledge: ResolvedKnowledge, dataset_hash: str) -> str:
-    """``i-<hash>`` of the index layout, the knowledge version, the gallery dataset, the features and the
-    scoring config (a layout change gives new versions: an older layout is never reused as if current)."""
+def gallery_content(cfg: MaskConfig, images: pa.Table) -> str:
+    """Fingerprint of the gallery images' change stamps (:mod:`mask.sources`: size + mtime / ETag, no image
+    read): a replaced image file changes it even when the dataset's own files (a captions JSON) did not."""
+    from mask.sources import source_stamps
+
+    uris = [str(u) for u in images.column("uri").to_pylist()]
+    return fingerprint(source_stamps(uris, cfg.storage.options))
+
+
+def index_version(cfg: MaskConfig, knowledge: ResolvedKnowledge, dataset_hash: str, content: str | None = None) -> str:
+    """``i-<hash>`` of the index layout, the knowledge version, the gallery dataset (and its images' change
+    stamps, ``content``: :func:`gallery_content`), the features and the scoring config (a layout change
+    gives new versions: an older layout is never reused as if current)."""
     from mask.pipeline.extract import extractor_name
     from mask.pipeline.index import INDEX_LAYOUT
 
     data = cfg.model_dump(mode="json")
     ident = {"layout": INDEX_LAYOUT, "knowledge": [knowledge.uri, knowledge.config_hash], "gallery": dataset_hash,
+             "content": content,
              "features": extractor_name(cfg.detector), "scoring": data["scoring"], "text": data["text"],
              "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m]}
     return f"i-{fingerprint(ident)[:16]}"
@@ -284,7 +295,7 @@ def score_gallery(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str
         t0 = time.perf_counter()
         gal = ensure_dataset(ctx, cfg.gallery, run.run_id)
         dataset_hash = gal["summary"]["config_hash"]
-        version = index_version(cfg, knowledge, dataset_hash)
+        version = index_version(cfg, knowledge, dataset_hash, gallery_content(cfg, gal["images"]))
         rel = f"indexes/{cfg.gallery.name}/{version}"
         run.log_params({"knowledge.uri": knowledge.uri, "knowledge.resolved_version": knowledge.version,
                         "index.version": version, "gallery.dataset_hash": dataset_hash})

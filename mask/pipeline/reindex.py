@@ -49,6 +49,7 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
     from mask.pipeline.build import ensure_dataset
     from mask.pipeline.gallery import (
         GalleryError,
+        gallery_content,
         gallery_detector,
         index_version,
         resolve_and_load_knowledge,
@@ -83,12 +84,13 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
         init_ray(cfg)
         uri = tracking.tracking_uri(cfg.tracking, store.root)
         with tracking.start_run(cfg.tracking, store.root, "reindex", params=cfg.flat(),
-                                tags={"job": "reindex", "gallery": name, "knowledge_uri": knowledge.uri}) as run:
+                                tags={"job": "reindex", "gallery": name, "knowledge_uri": knowledge.uri}) as raw, \
+                tracking.BufferedRun(raw) as run:  # one MLflow write for the many small groups below
             t_all = time.perf_counter()
             t0 = time.perf_counter()
             gal = ensure_dataset(ctx, cfg.gallery, run.run_id)
             t_dataset = time.perf_counter() - t0
-            version = index_version(cfg, knowledge, gal["summary"]["config_hash"])
+            version = index_version(cfg, knowledge, gal["summary"]["config_hash"], gallery_content(cfg, gal["images"]))
             cur = read_current(store, name)
             previous = cur["version"] if cur else None
             run.log_params({"knowledge.ref": ref or "", "knowledge.uri": knowledge.uri, "index.version": version,
