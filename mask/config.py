@@ -311,6 +311,8 @@ class IndexConfig(_Strict):
     lease_ttl_s: float = Field(default=600.0, gt=0)
     # New images up to this many get μ on the driver; more go through Ray Data.
     local_max_images: int = Field(default=256, ge=0)
+    # The μ stage on Ray Data commits its progress every this many images (a rerun after a crash keeps them).
+    mu_commit_images: int = Field(default=4096, ge=1)
 
 
 class ClipConfig(_Strict):

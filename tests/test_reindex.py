@@ -329,9 +329,11 @@ def test_changed_image_bytes_and_caption_text_are_recomputed(world, tmp_path):
     write_captions(None)
     args = [f"storage.root={world['root']}", *SMALL, "gallery.name=changing", "gallery.kind=folder",
             f"gallery.path={folder}", f"gallery.captions={tmp_path / 'captions.csv'}", "gallery.splits=null",
+            "detector.batch_size=1", "index.local_max_images=0", "index.mu_commit_images=2",  # μ: Ray Data, 2 commits
             "--knowledge", world["built"]["knowledge"]["uri"]]
     first = reindex.main(args)
     assert first["status"] == "built" and first["reuse"]["images"] == 3  # the truncated one is left out
+    assert first["reuse"]["mu_where"] == "ray-data" and first["reuse"]["mu_commits"] == 2
     # repair the truncated file, replace a photo by another (same id), edit one caption
     (folder / f"{broken}.jpg").write_bytes(good)
     shutil.copy(images[5]["uri"], folder / f"{replaced}.jpg")
@@ -340,6 +342,7 @@ def test_changed_image_bytes_and_caption_text_are_recomputed(world, tmp_path):
     r = second["reuse"]
     assert second["status"] == "built" and second["previous"] == first["version"]
     assert (r["images"], r["features_extracted"], r["mu_computed"], r["mu_changed"]) == (4, 2, 2, 1)
+    assert r["mu_commits"] == 1
     assert r["word_score_rows_computed"] == 2 and r["captions_parsed"] == 1
     rel = f"indexes/changing/{second['version']}"
     caps = {c["caption_id"]: c for c in read_index_file(store, rel, "captions.parquet").to_pylist()}

@@ -302,6 +302,22 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
     if not need:
         return out
     cols = ["image_id", "features", "num_boxes", "feature_dim"]
+
+    def commit(table: pa.Table, ids: list[str]) -> None:
+        got = set(table.column("image_id").to_pylist())
+        lost = [i for i in ids if i not in got]
+        if lost:
+            raise GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
+                               f"e.g. {lost[:3]}")
+        table = table.append_column("content_sha256", pa.array(
+            [content.get(i) for i in table.column("image_id").to_pylist()], pa.string()))
+        swap = [i for i in ids if i in have]
+        with store.open_artifact(mrel, kind="mu", config_hash=mhash, append=True) as w:
+            if swap:  # μ of changed images: the old rows leave in the same manifest write
+                w.retire_rows(["image_id", "content_sha256"], _other_content({i: content.get(i) for i in swap}))
+            w.write_part(table, name=f"mu-{fingerprint([sorted(ids), [content.get(i) for i in sorted(ids)]])[:20]}")
+            w.commit(mlflow_run_id=run_id)
+
     if len(need) <= ctx.cfg.index.local_max_images:
         feats = read_rows(store, frel, need, columns=cols)
         if feats is None:
@@ -310,27 +326,37 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
         batches = []
         for b in feats.to_batches(max_chunksize=64):
             batches.append(stage({c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}))
-        table = mu_table(batches)
+        commit(mu_table(batches), need)
         out["where"] = "driver"
     else:
+        import pyarrow.parquet as pq
         import ray.data
 
-        paths = [u[len("s3://"):] if u.startswith("s3://") else u for u in store.part_uris(frel)]
-        ds = ray.data.read_parquet(paths, filesystem=store.pyarrow_filesystem(), partitioning=None).select_columns(cols)
-        table = image_representations(ds, pae_bytes, num_gpus=1 if cluster_gpus() else 0, keep_ids=need)
+        # parts grouped into commits of about index.mu_commit_images images: a long μ stage keeps its
+        # progress (a rerun computes only the images without μ)
+        fs = store.pyarrow_filesystem()
+        wanted = set(need)
+        groups: list[tuple[list[str], list[str]]] = []
+        for p in (store.manifest(frel) or {}).get("parts") or []:
+            path = store.path(frel, p["path"])
+            ids = [i for i in pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
+                   if i in wanted]
+            if not ids:
+                continue
+            if not groups or len(groups[-1][1]) >= ctx.cfg.index.mu_commit_images:
+                groups.append(([], []))
+            groups[-1][0].append(path)
+            groups[-1][1].extend(ids)
+        covered = {i for _, ids in groups for i in ids}
+        lost = [i for i in need if i not in covered]
+        if lost:
+            raise GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
+                               f"e.g. {lost[:3]}")
+        for paths, ids in groups:
+            ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None).select_columns(cols)
+            commit(image_representations(ds, pae_bytes, num_gpus=1 if cluster_gpus() else 0, keep_ids=ids), ids)
         out["where"] = "ray-data"
-    got = set(table.column("image_id").to_pylist())
-    lost = [i for i in need if i not in got]
-    if lost:
-        raise GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
-                          f"e.g. {lost[:3]}")
-    table = table.append_column("content_sha256", pa.array([content.get(i) for i in table.column("image_id").to_pylist()],
-                                                           pa.string()))
-    with store.open_artifact(mrel, kind="mu", config_hash=mhash, append=True) as w:
-        if changed:
-            w.retire_rows(["image_id", "content_sha256"], _other_content({i: content.get(i) for i in changed}))
-        w.write_part(table, name=f"mu-{fingerprint([sorted(need), [content.get(i) for i in sorted(need)]])[:20]}")
-        w.commit(mlflow_run_id=run_id)
+        out["commits"] = len(groups)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -593,6 +619,7 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
              "captions_parsed": voc.parsed, "words_new": int(new_cols.size) if live_ws is not None else v,
              "word_score_rows_computed": computed_rows, "word_score_cells_computed": computed_cells,
              "word_score_cells_reused": n * v - computed_cells, "mu_computed": mu_info["computed"], "mu_changed": mu_info["changed"],
+             "mu_commits": mu_info.get("commits", int(mu_info["computed"] > 0)),
              "mu_where": mu_info["where"], "features_extracted": int(fsum.get("extracted", 0) or 0)}
     metrics = {"index_version": version, "mask": mask_metrics, "metrics_source": source, "coverage": cov,
                "images": n, "captions": t, "dropped_images": order.dropped_images, "dense": write_dense,
