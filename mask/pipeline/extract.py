@@ -512,6 +512,7 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
         if det.max_restarts != 0:
             retries["max_task_retries"] = det.max_restarts
         lease = Lease(store, f"{rel}/{RUNS_DIR}/{run_dir}", det.run_ttl_s).acquire()
+        finished = False
         try:
             # one block per batch, so decode and detection overlap and a retried block is one batch
             ds = ray.data.from_arrow([todo.slice(i, bs) for i in range(0, todo.num_rows, bs)])
@@ -544,8 +545,11 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
                 commit()
                 raise
             commit()
+            finished = True
         finally:
             lease.release()
+            if finished:  # every part of this run is committed: nothing for a sweep, the lease goes
+                store.delete(f"{rel}/{RUNS_DIR}/{run_dir}")
     secs = time.perf_counter() - t0
     n_ok = int(sum(m["rows"] for m in metas))
     n_err = int(sum(m["error_rows"] for m in metas))
