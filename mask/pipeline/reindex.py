@@ -7,12 +7,14 @@ One run:
 2. re-reads the gallery source (new or removed images and captions change the dataset's hash) and
    resolves the knowledge reference (``--knowledge`` / ``index.knowledge``: an alias follows the
    registry, so promoting a new knowledge version triggers rescoring);
-3. compares the target version ``i-<hash>`` (knowledge, gallery contents, features, scoring config)
-   with ``CURRENT``: equal → nothing to do; committed already (an earlier run died after its commit)
-   → only the switch; else builds it with :func:`mask.pipeline.index.build_index` from the live
-   version — features only for new images (the extraction skips committed ones), μ only for images
-   without one for this knowledge, per-word terms only for new images and new words, captions parsed
-   only when new or changed; a new knowledge rescores every pair but reuses every feature;
+3. compares the target version ``i-<hash>`` (knowledge, gallery contents and its images' change
+   stamps, features, scoring config) with ``CURRENT``: equal → nothing to do; committed already (an
+   earlier run died after its commit) → only the switch; else builds it with
+   :func:`mask.pipeline.index.build_index` from the live version — features only for new or changed
+   images (the extraction skips committed ones whose source stamp is unchanged), μ only for images
+   without one for this knowledge or whose features changed, per-word terms only for new or changed
+   images and new words, captions parsed only when new or changed; a new knowledge rescores every pair
+   but reuses every feature;
 4. checks it still holds the lease, then switches ``CURRENT`` atomically (one write).
 
 A crash anywhere before the switch leaves ``CURRENT`` and the live version untouched (the new
