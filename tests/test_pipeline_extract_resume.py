@@ -106,7 +106,7 @@ def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path):
     import psutil
 
     from mask.config import load_config
-    from mask.pipeline.extract import features_rel
+    from mask.pipeline.identity import features_rel
     from mask.storage import Store
 
     ids = _gallery_33(tmp_path / "photos")
@@ -118,7 +118,7 @@ def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path):
     rel = features_rel("photos", load_config("demo", DETECTOR).detector)
     started: dict[int, psutil.Process] = {}
     try:
-        for _attempt in range(3):  # Ray's 30 s node start-up limit can be missed on overloaded CI machines
+        for _attempt in range(5):  # Ray's 30 s node start-up limit can be missed on overloaded CI machines
             proc = subprocess.Popen(_job(args), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, start_new_session=True)
             deadline = time.monotonic() + 600  # a guard: ~30 s on an idle 2-core machine
@@ -158,7 +158,7 @@ def _run_job(args: list[str], started: dict) -> dict:
     start-up limit (overloaded CI machines).  Every process it starts is recorded in ``started``."""
     import psutil
 
-    for _attempt in range(3):
+    for _attempt in range(5):
         proc = subprocess.Popen(_job(args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -170,7 +170,7 @@ def _run_job(args: list[str], started: dict) -> dict:
         if proc.returncode == 0:
             return json.loads(out if out.startswith("{") else out[out.rindex("\n{\n") + 1:])
         assert "timed out during startup" in err, err[-4000:]
-    raise AssertionError("Ray did not start in 3 attempts")
+    raise AssertionError("Ray did not start in 5 attempts")
 
 
 def _rerun_and_check(args: list[str], store, rel: str, ids: list[str], started: dict) -> None:
@@ -246,7 +246,7 @@ def test_replaced_files_are_extracted_again(tmp_path, _ray):
 
     from jobs import extract_regions
     from mask.config import load_config
-    from mask.pipeline.extract import features_rel
+    from mask.pipeline.identity import features_rel
     from mask.storage import Store
 
     folder = tmp_path / "photos"

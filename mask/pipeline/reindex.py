@@ -31,7 +31,18 @@ from typing import Any
 from mask import tracking
 from mask.config import MaskConfig
 from mask.faults import kill_point
-from mask.pipeline.runtime import JobContext
+from mask.lease import Lease, LeaseBusy
+from mask.pipeline.identity import gallery_content, index_root, index_version
+from mask.pipeline.index import (
+    LEASE_DIR,
+    LiveIndex,
+    build_index,
+    read_current,
+    read_index_file,
+    switch_current,
+)
+from mask.pipeline.runtime import JobContext, job_run
+from mask.pipeline.steps import ensure_dataset, gallery_detector, require_gallery, resolve_and_load_knowledge
 
 logger = logging.getLogger(__name__)
 
@@ -47,28 +58,7 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
         GalleryError: no gallery configured, an unreadable CURRENT.
         KnowledgeError / KnowledgeNotFound: the knowledge reference names nothing committed.
     """
-    from mask.lease import Lease, LeaseBusy
-    from mask.pipeline.build import ensure_dataset
-    from mask.pipeline.gallery import (
-        GalleryError,
-        gallery_content,
-        gallery_detector,
-        index_version,
-        resolve_and_load_knowledge,
-    )
-    from mask.pipeline.index import (
-        LEASE_DIR,
-        LiveIndex,
-        build_index,
-        index_root,
-        read_current,
-        read_index_file,
-        switch_current,
-    )
-    from mask.pipeline.runtime import init_ray
-
-    if cfg.gallery is None:
-        raise GalleryError("the config names no gallery (set gallery.name / gallery.kind / gallery.path)")
+    require_gallery(cfg)
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     name = cfg.gallery.name
@@ -83,16 +73,15 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
         return {"status": "busy", "gallery": name, "reason": str(e)}
     try:
         kill_point("reindex.after_lease")
-        init_ray(cfg)
-        uri = tracking.tracking_uri(cfg.tracking, store.root)
-        with tracking.start_run(cfg.tracking, store.root, "reindex", params=cfg.flat(),
-                                tags={"job": "reindex", "gallery": name, "knowledge_uri": knowledge.uri}) as raw, \
+        uri = ctx.tracking_uri
+        with job_run(ctx, "reindex", tags={"gallery": name, "knowledge_uri": knowledge.uri}) as raw, \
                 tracking.BufferedRun(raw) as run:  # one MLflow write for the many small groups below
             t_all = time.perf_counter()
             t0 = time.perf_counter()
             gal = ensure_dataset(ctx, cfg.gallery, run.run_id)
             t_dataset = time.perf_counter() - t0
-            version = index_version(cfg, knowledge, gal["summary"]["config_hash"], gallery_content(cfg, gal["images"]))
+            version = index_version(cfg, knowledge, gal["summary"]["config_hash"],
+                                    gallery_content(cfg, gal["images"].column("uri").to_pylist()))
             cur = read_current(store, name)
             previous = cur["version"] if cur else None
             run.log_params({"knowledge.ref": ref or "", "knowledge.uri": knowledge.uri, "index.version": version,
