@@ -172,6 +172,13 @@ class DetectorConfig(_Strict):
     calibration_images: int = Field(default=16, ge=1)
     # RoIs per chunk through the res5 head (bounds memory; results do not depend on it).
     roi_chunk: int = Field(default=128, ge=1)
+    # Progress commits of a long extraction: the finished batches are appended to the artifact's manifest
+    # every this many batches or seconds, whichever comes first (a rerun after a crash skips them).
+    commit_every_batches: int = Field(default=64, ge=1)
+    commit_every_s: float = Field(default=60.0, gt=0)
+    # Seconds an extraction run's lease lives without renewal (renewed every third of it): the parts of a
+    # run killed on another host are swept by a later run after this long (on the same host at once).
+    run_ttl_s: float = Field(default=600.0, gt=0)
 
 
 class ModelConfig(_Strict):
@@ -306,6 +313,8 @@ class IndexConfig(_Strict):
     lease_ttl_s: float = Field(default=600.0, gt=0)
     # New images up to this many get μ on the driver; more go through Ray Data.
     local_max_images: int = Field(default=256, ge=0)
+    # The μ stage on Ray Data commits its progress every this many images (a rerun after a crash keeps them).
+    mu_commit_images: int = Field(default=4096, ge=1)
 
 
 class ClipConfig(_Strict):

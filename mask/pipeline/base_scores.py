@@ -478,7 +478,7 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
                "inputs_per_s": round((n_img + n_cap) / secs, 3) if secs > 0 else 0.0}
     run_id = getattr(tracker, "run_id", None)
 
-    err_table = pa.table({k: pa.array([e[k] for e in errors], pa.string()) for k in ERRORS_SCHEMA.names},
+    err_table = pa.table({k: pa.array([e.get(k) for e in errors], pa.string()) for k in ERRORS_SCHEMA.names},
                          schema=ERRORS_SCHEMA)
     with store.open_artifact(f"{rel}/_errors", kind="base_scores.errors", config_hash=h,
                              inputs={"gallery": gallery}) as w:
