@@ -125,15 +125,24 @@ class SimCluster:
                  "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", "--disable-usage-stats"],
                 env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=600)
             text = log.read_text(errors="replace")
-            m = re.search(r"/tmp/ray/(session_[0-9_-]+)", text)
-            self.session_name = m.group(1) if m else None
-            self.session_dir = f"/tmp/ray/{self.session_name}" if m else None
+            self.session_name = self._find_session()
+            self.session_dir = f"/tmp/ray/{self.session_name}" if self.session_name else None
             if proc.returncode == 0 and "Ray runtime started" in text:
                 _wait_port(self.dash, timeout=180)
                 return self
             self.stop()  # whatever of this attempt is left, by PID
         raise RuntimeError(f"the simulated cluster's head did not start in {attempts} attempts "
                            f"(see {self.workdir}/head-*.log)")
+
+    def _find_session(self) -> str | None:
+        """The session name of this head: on the command line of its processes, next to its GCS address."""
+        for p in _all_pids():
+            cmd = " ".join(_cmdline(p))
+            if self.address in cmd or f"--gcs_server_port={self.port}" in cmd:
+                m = re.search(r"(session_\d{4}-\d\d-\d\d_[0-9_-]+)", cmd)
+                if m:
+                    return m.group(1)
+        return None
 
     def pids(self) -> list[int]:
         """Every process of this cluster: its session name is on each one's command line."""
