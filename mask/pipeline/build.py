@@ -519,7 +519,9 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
     from mask.knowledge import KnowledgeTable
     from mask.knowledge_artifact import load_knowledge, save_knowledge
     from mask.pipeline.represent import knowledge_pass
+    from mask.preflight import check_settings
 
+    check_settings(cfg)  # contradictory settings stop the job before any work
     ctx = JobContext.from_config(cfg)
     init_ray(cfg)
     store: Store = ctx.store
@@ -584,7 +586,8 @@ def _with_ood_vocabulary(table, kv, cfg: MaskConfig):
     words = [w for w in kv.index_to_key[: cfg.knowledge.ood_vocab_size] if w not in known]
     vecs, found = vectors_for(kv, words)
     words = [w for w, f in zip(words, found, strict=True) if f]
-    return extend_with_ood(table, words, np.asarray(vecs)[found], cfg.knowledge.ood_method, cfg.knowledge.m)
+    return extend_with_ood(table, words, np.asarray(vecs)[found], cfg.knowledge.ood_method, cfg.knowledge.m,
+                           **cfg.knowledge.ood_options())
 
 
 def evaluate_gallery(ctx: JobContext, table, pae_bytes: bytes, det_weights: str | None, run) -> dict[str, Any]:

@@ -51,7 +51,8 @@ def map_captions(cfg: MaskConfig, table, texts: list[str], parser=None, kv=None,
         return vectors_for(kv, ws)
 
     method = ood_method or cfg.knowledge.ood_method
-    protos, source, counts = build_prototypes_for(vocab, table, lookup, method, m or cfg.knowledge.m)
+    protos, source, counts = build_prototypes_for(vocab, table, lookup, method, m or cfg.knowledge.m,
+                                                  **cfg.knowledge.ood_options())
     keep = [i for i, s in enumerate(source) if s != "missing"]
     remap = {vocab[i]: j for j, i in enumerate(keep)}
     caption_words = [[remap[w] for w in ws if w in remap] for ws in words_per_caption]

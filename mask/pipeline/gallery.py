@@ -235,7 +235,7 @@ def index_version(cfg: MaskConfig, knowledge: ResolvedKnowledge, dataset_hash: s
     data = cfg.model_dump(mode="json")
     ident = {"layout": INDEX_LAYOUT, "knowledge": [knowledge.uri, knowledge.config_hash], "gallery": dataset_hash,
              "features": extractor_name(cfg.detector), "scoring": data["scoring"], "text": data["text"],
-             "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m]}
+             "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m, *cfg.knowledge.ood_identity()]}
     return f"i-{fingerprint(ident)[:16]}"
 
 
@@ -273,7 +273,11 @@ def score_gallery(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str
         raise GalleryError("the config names no gallery (set gallery.name / gallery.kind / gallery.path)")
     ctx = JobContext.from_config(cfg)
     store = ctx.store
+    from mask.preflight import check_settings
+
+    check_settings(cfg)
     knowledge = resolve_and_load_knowledge(cfg, store, knowledge_ref)  # fails before Ray / MLflow start
+    check_settings(cfg, table=knowledge.table)  # what the knowledge stores (samples) vs the scoring config
     init_ray(cfg)
     uri = tracking.tracking_uri(cfg.tracking, store.root)
     with tracking.start_run(cfg.tracking, store.root, "score_gallery", params=cfg.flat(),

@@ -151,7 +151,7 @@ def score_hash(cfg: MaskConfig, knowledge) -> str:
     data = cfg.model_dump(mode="json")
     return fingerprint({"knowledge": [knowledge.uri, knowledge.config_hash], "features": extractor_name(cfg.detector),
                         "scoring": [sc.normalize, sc.pooling, sc.prototypes], "text": data["text"],
-                        "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m]})[:16]
+                        "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m, *cfg.knowledge.ood_identity()]})[:16]
 
 
 def mu_rel(cfg: MaskConfig, knowledge) -> str:

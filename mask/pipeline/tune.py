@@ -196,6 +196,9 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
+    from mask.preflight import check_settings
+
+    check_settings(cfg)
     name = name or sweep_name(cfg, spec)
     # trials run in their own working directories: give them the absolute root
     data = cfg.model_dump(mode="json")

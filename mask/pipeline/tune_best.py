@@ -192,7 +192,7 @@ def materialise_knowledge(ctx: JobContext, bcfg: MaskConfig, checkpoint, info: d
         extra = [w for w in kv.index_to_key[: bcfg.knowledge.ood_vocab_size] if w not in set(table.words)]
         vecs, found = vectors_for(kv, extra)
         table = extend_with_ood(table, [w for w, f in zip(extra, found, strict=True) if f], np.asarray(vecs)[found],
-                                bcfg.knowledge.ood_method, bcfg.knowledge.m)
+                                bcfg.knowledge.ood_method, bcfg.knowledge.m, **bcfg.knowledge.ood_options())
     lineage = {"features": store.uri(info["features"]), "training_run": checkpoint.path, "config_hash": version,
                **lineage_extra}
     save_knowledge(store, krel, table, pae, config_hash=version, mlflow_run_id=run.run_id, lineage=lineage)

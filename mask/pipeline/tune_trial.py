@@ -222,7 +222,8 @@ def train_epoch(module, opt: torch.optim.Optimizer, rows: dict[str, np.ndarray],
     """One epoch of eq. 14 over the training rows in a seeded order (same order after a resume).
 
     Returns:
-        ``({"loss", "loss_ir", …}: means over the epoch's batches, the step count after it)``.
+        ``({"loss", "loss_ir", …, "share_rec", …}: means over the epoch's batches and each weighted
+        term's share of the total (:func:`mask.losses.loss_shares`), the step count after it)``.
     """
     from mask.pipeline.train import collate, images_per_batch, loss_weights, train_step
 
@@ -241,7 +242,10 @@ def train_epoch(module, opt: torch.optim.Optimizer, rows: dict[str, np.ndarray],
         batches += 1
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    return {k: v / max(batches, 1) for k, v in sums.items()}, step
+    from mask.losses import loss_shares
+
+    means = {k: v / max(batches, 1) for k, v in sums.items()}
+    return {**means, **loss_shares(means, **weights)}, step
 
 
 def _batches(rows: dict[str, np.ndarray], size: int):
