@@ -94,6 +94,10 @@ class DatasetConfig(_Strict):
     limit: int | None = None
     # kind=folder: a captions file (one caption per line, or a CSV with text[, image_id, caption_id]).
     captions: str | None = None
+    # Training (VG / demo) datasets: leave out the images that are also images of the config's gallery
+    # (VG image_data.json coco_id / flickr_id against the gallery's COCO / Flickr ids), so the knowledge
+    # never sees the test gallery; counted as excluded_overlap in the dataset summary and MLflow.
+    exclude_gallery_overlap: bool = False
 
     _name_is_safe = field_validator("name")(_safe_name)
 

@@ -55,7 +55,17 @@ def ensure_dataset(ctx: JobContext, dcfg, run_id: str | None) -> dict[str, pa.Ta
     from mask.datasets import dataset_rel, ingest_dataset
 
     droot = demo_root(ctx) if dcfg.kind == "demo" and dcfg.path is None else None
-    summary = ingest_dataset(ctx.store, dcfg, ctx.cfg.storage.options, droot, mlflow_run_id=run_id)
+    exclude = None
+    gal = ctx.cfg.gallery
+    if dcfg.exclude_gallery_overlap and dcfg.kind in ("vg", "demo") and gal is not None and dcfg is ctx.cfg.dataset:
+        from mask.datasets.overlap import gallery_source_ids
+
+        groot = demo_root(ctx) if gal.kind == "demo" and gal.path is None else None
+        exclude = gallery_source_ids(gal, ctx.cfg.storage.options, groot)
+    summary = ingest_dataset(ctx.store, dcfg, ctx.cfg.storage.options, droot, mlflow_run_id=run_id, exclude=exclude)
+    if exclude is not None:
+        summary["overlap"] = {"excluded_overlap": int((summary.get("stats") or {}).get("excluded_overlap", 0)),
+                              "gallery_coco_ids": len(exclude[0]), "gallery_flickr_ids": len(exclude[1])}
     out = {"summary": summary}
     for t in ("images", "regions", "captions", "_errors"):
         if ctx.store.manifest(dataset_rel(dcfg.name, t)) is not None:
@@ -428,6 +438,8 @@ def prepare_training_inputs(ctx: JobContext, run) -> TrainingInputs:
     # 1. datasets
     train = ensure_dataset(ctx, cfg.dataset, run.run_id)
     summary["dataset"] = train["summary"]
+    if "overlap" in train["summary"]:  # leakage guard: VG images that are gallery images, left out
+        run.log_metrics({f"dataset.{k}": v for k, v in train["summary"]["overlap"].items()})
     if train.get("regions") is None or not train["regions"].num_rows:
         raise ValueError(f"dataset {cfg.dataset.name} has no region annotations; training needs VG-style regions")
     # 2. detector + features on ground-truth boxes (the knowledge is built on those)
