@@ -204,3 +204,39 @@ def test_build_job_stops_before_any_work_on_a_contradiction(tmp_path):
     with pytest.raises(ConfigError, match="knowledge.ood_weighting"):
         build_knowledge(cfg)
     assert not any(tmp_path.iterdir())  # nothing written: no dataset, no MLflow store
+
+
+def test_finetune_option_reports_with_and_without_and_its_terms(monkeypatch, rng):
+    import pyarrow as pa
+
+    import mask.pipeline.evaluate as E
+    from mask.finetune import finetune_prototypes
+
+    t = KnowledgeTable(words=["w0", "w1", "w2"], counts=np.ones(3, np.int64), word_vectors=rng.normal(size=(3, 4)),
+                       prototypes=rng.normal(size=(3, 8)), source=["vg"] * 3)
+    monkeypatch.setattr("mask.text.ContentWordParser.from_config",
+                        lambda cfg: _Parser({"a": ["w0", "w1"], "b": ["w1", "w2"], "c": ["w2"]}))
+    monkeypatch.setattr("mask.vectors.load_vectors", lambda *a, **k: _kv(["x"], np.ones((1, 4))))
+    mu = pa.table({"image_id": ["i0", "i1", "i2"], "mu": [rng.normal(size=8 * n).tolist() for n in (2, 3, 1)],
+                   "num_boxes": pa.array([2, 3, 1], pa.int32()), "latent_dim": pa.array([8] * 3, pa.int32())})
+    caps = pa.table({"caption_id": ["c0", "c1", "c2"], "image_id": ["i0", "i1", "i2"], "text": ["a", "b", "c"]})
+    off = E.evaluate(_tiny("knowledge.ood_method=none"), t, ["i0", "i1", "i2"], mu, caps)
+    assert "mask_finetuned" not in off and "finetune" not in off
+    cfg = _tiny("knowledge.ood_method=none", "finetune.enabled=true", "finetune.steps=7", "finetune.lr=0.05",
+                "finetune.images_per_batch=2", "finetune.captions_per_batch=2")
+    res = E.evaluate(cfg, t, ["i0", "i1", "i2"], mu, caps)
+    assert {"mask", "mask_finetuned", "finetune"} <= set(res)
+    ft = res["finetune"]
+    assert ft["steps"] == 7 and len(ft["history"]) == 7
+    assert set(ft["history"][0]) == {"loss_ss", "loss_r2w", "loss_w2r"}
+    assert ft["loss_ss_last"] == ft["history"][-1]["loss_ss"]
+    # the tuned prototypes are v W with the W of eq. 88–93 learned on the same unpaired batches
+    from mask.pipeline.evaluate import map_captions
+    from mask.pipeline.represent import padded_mu
+
+    m, mask = padded_mu(mu, ["i0", "i1", "i2"])
+    cw = map_captions(cfg, t, ["a", "b", "c"], kv=_kv(["x"], np.ones((1, 4))))
+    tuned, _ = E.finetune_knowledge(cfg.finetune, m, mask, cw)
+    assert not np.allclose(tuned, cw.prototypes)
+    w = finetune_prototypes(cw.prototypes, [np.zeros((1, 8))], [np.array([0])], 0)
+    np.testing.assert_allclose(w, np.eye(8))  # zero steps: identity, so the option is a real change only when on
