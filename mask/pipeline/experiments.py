@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mask.config import PAPER_LITERAL, MaskConfig
+from mask.errors import MaskError
 from mask.storage import Store, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ RESULT_KIND = "experiment-result"
 METRIC_COLUMNS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "rsum")
 
 
-class ExperimentError(ValueError):
+class ExperimentError(MaskError, ValueError):
     """An experiment plan that cannot run; the message names the key."""
 
 
