@@ -79,12 +79,12 @@ def training_settings(cfg: MaskConfig, plan: Plan) -> dict[str, dict[str, Any]]:
     ``default`` is the config as given; the others change what needs retraining.
     """
     other_red = "mean" if cfg.loss.ir_reduction == "sum" else "sum"
-    out: dict[str, dict[str, Any]] = {
+    out: dict[str, dict[str, Any]] = {  # in the order they run (the most informative first)
         "default": {},
-        "without_L_cm": {"loss.lambda_cm": 0.0},
-        "without_L_cl": {"loss.lambda_cl": 0.0},
-        "without_KL": {"loss.kl_weight": 0.0},
         f"ir_reduction_{other_red}": {"loss.ir_reduction": other_red},
+        "without_L_cl": {"loss.lambda_cl": 0.0},
+        "without_L_cm": {"loss.lambda_cm": 0.0},
+        "without_KL": {"loss.kl_weight": 0.0},
         "paper_literal_losses": {k: v for k, v in PAPER_LITERAL.items() if k.startswith("loss.")},
     }
     for l1 in plan.lambda_grid:
@@ -273,7 +273,7 @@ def run_experiments(cfg: MaskConfig, plan: Plan, *, name: str | None = None, out
 
     from mask import tracking
     from mask.pipeline.runtime import JobContext, init_ray
-    from mask.pipeline.tune_inputs import prepare_inputs
+    from mask.pipeline.tune_inputs import inputs_hash, prepare_inputs
     from mask.pipeline.tune_trial import load_gallery, load_sweep_data, read_inputs
     from mask.preflight import check_settings
     from mask.sweep import parse_space
@@ -293,7 +293,6 @@ def run_experiments(cfg: MaskConfig, plan: Plan, *, name: str | None = None, out
     store: Store = ctx.store
     if plan.threads:
         torch.set_num_threads(plan.threads)
-    init_ray(cfg)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     with tracking.start_run(cfg.tracking, store.root, f"experiments:{name}", params=cfg.flat(),
                             tags={"job": "experiments"}) as run:
@@ -308,6 +307,8 @@ def run_experiments(cfg: MaskConfig, plan: Plan, *, name: str | None = None, out
                 cfg.model_copy(update={"text": cfg.text.model_copy(update={"mode": mode})})
             mctx = JobContext.from_config(c)
             rel = f"experiments/{name}/inputs-{mode}"
+            if store.committed(rel, inputs_hash(c, spec, store)) is None:
+                init_ray(cfg)  # only to compute inputs: a rerun on committed inputs starts no Ray
             prepare_inputs(mctx, spec, rel, run)
             inputs[mode] = rel
         data = load_sweep_data(store, inputs["content"], splits=("val",))
