@@ -12,14 +12,13 @@ import logging
 from typing import Any
 
 from mask.config import ConfigError, MaskConfig
+from mask.text import SPACY_MODELS, TextError, _nltk_check
 
 logger = logging.getLogger(__name__)
 
 
 def _text_backend_problem(cfg: MaskConfig) -> str | None:
     """Why the configured caption parser cannot run here, or None."""
-    from mask.text import SPACY_MODELS, TextError, _nltk_check
-
     t = cfg.text
     if t.backend == "spacy":
         if importlib.util.find_spec("spacy") is None:

@@ -50,8 +50,8 @@ def test_gallery_ids_from_flickr_and_coco_split_files(tmp_path):
 
 @pytest.mark.parametrize("gallery,excluded,kept", [("flickr30k", "1", {"2", "3"}), ("coco", "2", {"1", "3"})])
 def test_knowledge_dataset_leaves_out_gallery_images(tmp_path, gallery, excluded, kept):
-    from mask.pipeline.build import ensure_dataset
     from mask.pipeline.runtime import JobContext
+    from mask.pipeline.steps import ensure_dataset
 
     vg = _vg(tmp_path)  # VG image 1 is Flickr 555, VG image 2 is COCO 777
     entry = {"filename": "555.jpg", "split": "test"} if gallery == "flickr30k" else \
@@ -74,8 +74,8 @@ def test_knowledge_dataset_leaves_out_gallery_images(tmp_path, gallery, excluded
 
 
 def test_demo_reports_zero_overlap(tmp_path):
-    from mask.pipeline.build import ensure_dataset
     from mask.pipeline.runtime import JobContext
+    from mask.pipeline.steps import ensure_dataset
 
     cfg = load_config("demo", [f"storage.root={tmp_path}", "tracking.enabled=false", "dataset.limit=3"])
     assert cfg.dataset.exclude_gallery_overlap is True

@@ -98,7 +98,7 @@ class _Parser:
 
 @pytest.mark.parametrize("weighting", ["dot", "cosine"])
 def test_ood_weighting_reaches_caption_prototypes(rng, weighting):
-    from mask.pipeline.evaluate import map_captions
+    from mask.evaluation import map_captions
 
     known = rng.normal(size=(6, 4)) * rng.uniform(0.3, 4.0, size=(6, 1))
     t = KnowledgeTable(words=[f"w{i}" for i in range(6)], counts=np.ones(6, np.int64), word_vectors=known,
@@ -117,7 +117,7 @@ def test_ood_weighting_reaches_caption_prototypes(rng, weighting):
 def test_scoring_normalize_reaches_the_evaluation(monkeypatch, rng, normalize):
     import pyarrow as pa
 
-    import mask.pipeline.evaluate as E
+    import mask.evaluation as E
 
     t = KnowledgeTable(words=["w0", "w1"], counts=np.ones(2, np.int64), word_vectors=rng.normal(size=(2, 4)),
                        prototypes=rng.normal(size=(2, 8)) * [[1.0], [5.0]], source=["vg"] * 2)
@@ -134,7 +134,7 @@ def test_scoring_normalize_reaches_the_evaluation(monkeypatch, rng, normalize):
     mu = pa.table({"image_id": ["i0", "i1"], "mu": [rng.normal(size=16).tolist(), rng.normal(size=24).tolist()],
                    "num_boxes": pa.array([2, 3], pa.int32()), "latent_dim": pa.array([8, 8], pa.int32())})
     caps = pa.table({"caption_id": ["c0", "c1"], "image_id": ["i0", "i1"], "text": ["a", "b"]})
-    monkeypatch.setattr("mask.vectors.load_vectors", lambda *a, **k: _kv(["x"], np.ones((1, 4))))
+    monkeypatch.setattr("mask.evaluation.load_vectors", lambda *a, **k: _kv(["x"], np.ones((1, 4))))
     E.evaluate(cfg, t, ["i0", "i1"], mu, caps)
     assert calls and all(c == normalize for c in calls)
 
@@ -209,14 +209,14 @@ def test_build_job_stops_before_any_work_on_a_contradiction(tmp_path):
 def test_finetune_option_reports_with_and_without_and_its_terms(monkeypatch, rng):
     import pyarrow as pa
 
-    import mask.pipeline.evaluate as E
+    import mask.evaluation as E
     from mask.finetune import finetune_prototypes
 
     t = KnowledgeTable(words=["w0", "w1", "w2"], counts=np.ones(3, np.int64), word_vectors=rng.normal(size=(3, 4)),
                        prototypes=rng.normal(size=(3, 8)), source=["vg"] * 3)
     monkeypatch.setattr("mask.text.ContentWordParser.from_config",
                         lambda cfg: _Parser({"a": ["w0", "w1"], "b": ["w1", "w2"], "c": ["w2"]}))
-    monkeypatch.setattr("mask.vectors.load_vectors", lambda *a, **k: _kv(["x"], np.ones((1, 4))))
+    monkeypatch.setattr("mask.evaluation.load_vectors", lambda *a, **k: _kv(["x"], np.ones((1, 4))))
     mu = pa.table({"image_id": ["i0", "i1", "i2"], "mu": [rng.normal(size=8 * n).tolist() for n in (2, 3, 1)],
                    "num_boxes": pa.array([2, 3, 1], pa.int32()), "latent_dim": pa.array([8] * 3, pa.int32())})
     caps = pa.table({"caption_id": ["c0", "c1", "c2"], "image_id": ["i0", "i1", "i2"], "text": ["a", "b", "c"]})
@@ -231,8 +231,7 @@ def test_finetune_option_reports_with_and_without_and_its_terms(monkeypatch, rng
     assert set(ft["history"][0]) == {"loss_ss", "loss_r2w", "loss_w2r"}
     assert ft["loss_ss_last"] == ft["history"][-1]["loss_ss"]
     # the tuned prototypes are v W with the W of eq. 88–93 learned on the same unpaired batches
-    from mask.pipeline.evaluate import map_captions
-    from mask.pipeline.represent import padded_mu
+    from mask.evaluation import map_captions, padded_mu
 
     m, mask = padded_mu(mu, ["i0", "i1", "i2"])
     cw = map_captions(cfg, t, ["a", "b", "c"], kv=_kv(["x"], np.ones((1, 4))))

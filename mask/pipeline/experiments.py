@@ -32,11 +32,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mask import tracking
 from mask.config import PAPER_LITERAL, MaskConfig
 from mask.errors import MaskError
+from mask.evaluation import finetune_knowledge, gallery_scores, map_captions
+from mask.knowledge import ood_prototypes, procrustes_prototypes
+from mask.metrics import recall_at_k
+from mask.models import save_pae
+from mask.pipeline.runtime import JobContext, init_ray
+from mask.pipeline.train import TrainModule
+from mask.pipeline.tune_inputs import inputs_hash, prepare_inputs
+from mask.pipeline.tune_trial import (
+    _gap,
+    evaluate_grid,
+    gallery_mu,
+    knowledge_table,
+    load_gallery,
+    load_sweep_data,
+    read_inputs,
+    train_epoch,
+    trial_config,
+)
+from mask.preflight import check_settings
+from mask.report import ReportError, make_report
+from mask.report.experiments import write_experiment_report
 from mask.storage import Store, fingerprint
+from mask.sweep import parse_space
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +74,6 @@ class ExperimentError(MaskError, ValueError):
 
 class Plan(BaseModel):
     """What ``jobs/experiments.py`` runs (``--plan plan.yaml`` replaces any of these)."""
-
     model_config = ConfigDict(extra="forbid")
 
     # Seeds of every setting (≥ 3 so that tables can show a spread).
@@ -102,8 +125,6 @@ def training_settings(cfg: MaskConfig, plan: Plan) -> dict[str, dict[str, Any]]:
 
 
 def _with(cfg: MaskConfig, overrides: dict[str, Any], seed: int) -> MaskConfig:
-    from mask.pipeline.tune_trial import trial_config
-
     return trial_config(cfg.model_dump(mode="json"), {**overrides, "train.seed": seed, "seed": seed})
 
 
@@ -111,8 +132,6 @@ def _with(cfg: MaskConfig, overrides: dict[str, Any], seed: int) -> MaskConfig:
 
 
 def _recall(sim: np.ndarray, c2i: np.ndarray) -> dict[str, float]:
-    from mask.metrics import recall_at_k
-
     return {k: float(v) for k, v in recall_at_k(sim, caption_to_image=c2i).items()}
 
 
@@ -124,8 +143,6 @@ def evaluate_run(cfg: MaskConfig, plan: Plan, table, mu: np.ndarray, mask: np.nd
     setting): also the m grid, the α grid (demo base: global-mean pooling), the caption modes, the OOD
     weighting variant and Appendix H fine-tuning.
     """
-    from mask.pipeline.evaluate import finetune_knowledge, gallery_scores, map_captions
-    from mask.pipeline.tune_trial import evaluate_grid
 
     g = galleries["content"]
     c2i = g.caption_to_image
@@ -177,11 +194,7 @@ def _nearest(values: list[int], m: int) -> int:
 def train_and_evaluate(cfg: MaskConfig, plan: Plan, data, galleries: dict[str, Any], epochs: int,
                        full: bool) -> dict[str, Any]:
     """Train one model in process (eq. 14), build its knowledge (eq. 2) and evaluate it."""
-    import torch
 
-    from mask.models import save_pae
-    from mask.pipeline.train import TrainModule
-    from mask.pipeline.tune_trial import _gap, gallery_mu, knowledge_table, train_epoch
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
@@ -221,7 +234,6 @@ def heldout_ood(table, plan: Plan, seed: int = 0) -> dict[str, Any]:
         "rank": mean rank of the true word among all real prototypes (1 = best), "r1": share ranked first}}}}``;
         Procrustes and the "mean of the known prototypes" baseline have one point (key "all").
     """
-    from mask.knowledge import ood_prototypes, procrustes_prototypes
 
     vg = table.known()
     k = len(vg)
@@ -269,14 +281,7 @@ def run_experiments(cfg: MaskConfig, plan: Plan, *, name: str | None = None, out
     Returns:
         A summary: name, storage folder, times per part, the result files, the report folder.
     """
-    import torch
 
-    from mask import tracking
-    from mask.pipeline.runtime import JobContext, init_ray
-    from mask.pipeline.tune_inputs import inputs_hash, prepare_inputs
-    from mask.pipeline.tune_trial import load_gallery, load_sweep_data, read_inputs
-    from mask.preflight import check_settings
-    from mask.sweep import parse_space
 
     check_settings(cfg)
     if cfg.gallery is None:
@@ -346,7 +351,6 @@ def run_experiments(cfg: MaskConfig, plan: Plan, *, name: str | None = None, out
                             f"{res['mask.dot']['rsum']:.1f} (dot) in {time.perf_counter() - ts:.0f} s")
                     results.setdefault(sname, {})[seed] = res
                 if "report" in plan.parts:  # a partial report after every setting (an interrupted run still has one)
-                    from mask.report.experiments import write_experiment_report
 
                     write_experiment_report(results, cfg, plan, out_dir or str(Path("reports") / f"experiments-{name}"),
                                             gallery_desc, {**times, "train (so far)": time.perf_counter() - t0})
@@ -357,7 +361,6 @@ def run_experiments(cfg: MaskConfig, plan: Plan, *, name: str | None = None, out
         report: dict[str, Any] = {}
         if "report" in plan.parts and results:
             t0 = time.perf_counter()
-            from mask.report.experiments import write_experiment_report
 
             out = out_dir or str(Path("reports") / f"experiments-{name}")
             report = write_experiment_report(results, cfg, plan, out, gallery_desc, times)
@@ -365,7 +368,6 @@ def run_experiments(cfg: MaskConfig, plan: Plan, *, name: str | None = None, out
                 if f.is_file():
                     run.log_artifact(str(f), "experiments")
             if run_ids:  # then jobs/report.py's report on the same runs (MLflow view of them)
-                from mask.report import ReportError, make_report
 
                 try:
                     report["mlflow_report"] = make_report(cfg, run_ids=run_ids, out_dir=str(Path(out) / "mlflow-report"),
@@ -386,7 +388,6 @@ def log_child_runs(cfg: MaskConfig, store: Store, results: dict[str, dict[int, d
     """One nested MLflow run per (setting, seed) — tag ``job=experiment``, the setting's flattened config,
     ``mask.<metric>`` / ``mask_without_ood.<metric>`` (as scored by ``scoring.normalize``), per-epoch
     ``epoch.loss*`` / ``epoch.share_*`` and ``gap.*`` — for ``jobs/report.py``.  Returns their run ids."""
-    from mask import tracking
 
     if not cfg.tracking.enabled:
         return []

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from mask.report.plots import _figure, _save, heatmap
+
 COLS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "rsum")
 
 PAPER = {
@@ -82,8 +84,6 @@ def _recall_row(lead: list[str], runs: dict[int, dict[str, Any]], key: str, ref:
 
 def _plot_errorbars(series: dict[str, tuple[list[float], list[float], list[float]]], path: str, *, xlabel: str,
                     ylabel: str, title: str, logx: bool = False) -> str:
-    from mask.report.plots import _figure, _save
-
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for label, (x, y, e) in series.items():
@@ -108,8 +108,6 @@ def _git_commit() -> str:
 def write_experiment_report(results: dict[str, dict[int, dict[str, Any]]], cfg, plan, out_dir: str,
                             gallery: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:
     """Write ``experiments.md``, ``experiments.json`` and PNGs to ``out_dir``; returns the file paths."""
-    from mask.report.plots import heatmap
-
     os.makedirs(out_dir, exist_ok=True)
     default = results.get("default", {})
     epochs = next(iter(default.values()))["epochs"] if default else plan.epochs
