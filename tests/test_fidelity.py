@@ -45,7 +45,7 @@ def test_loss_switches_reach_mask_loss(monkeypatch, rng, overrides, expected):
         seen.update(kw)
         return real(out, batch, **kw)
 
-    monkeypatch.setattr(L, "mask_loss", spy)
+    monkeypatch.setattr("mask.pipeline.train.mask_loss", spy)  # the name train_step calls
     torch.manual_seed(0)
     module = TrainModule(cfg, 5)
     opt = torch.optim.Adam(module.parameters(), lr=1e-3)
