@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from mask import tracking
 from mask.config import DatasetConfig, MaskConfig
 from mask.datasets import build_vocabulary, count_words, dataset_rel, generate_demo_world, ingest_dataset
+from mask.datasets.overlap import gallery_source_ids
 from mask.errors import MaskError
 from mask.features.extractor import RegionExtractor
 from mask.features.images import ImageError, decode_image
@@ -83,7 +84,16 @@ def ensure_dataset(ctx: JobContext, dcfg, run_id: str | None, skip: tuple[str, .
     """Ingest a dataset (reusing a committed one) and return its tables (except those in ``skip``:
     the training reads ``regions`` part by part where it needs them, never whole in the driver)."""
     droot = demo_root(ctx) if dcfg.kind == "demo" and dcfg.path is None else None
-    summary = ingest_dataset(ctx.store, dcfg, ctx.cfg.storage.options, droot, mlflow_run_id=run_id)
+    exclude = None
+    gal = ctx.cfg.gallery
+    if dcfg.exclude_gallery_overlap and dcfg.kind in ("vg", "demo") and gal is not None and dcfg is ctx.cfg.dataset:
+        # leakage guard: VG images that are images of the evaluation gallery never enter the knowledge
+        groot = demo_root(ctx) if gal.kind == "demo" and gal.path is None else None
+        exclude = gallery_source_ids(gal, ctx.cfg.storage.options, groot)
+    summary = ingest_dataset(ctx.store, dcfg, ctx.cfg.storage.options, droot, mlflow_run_id=run_id, exclude=exclude)
+    if exclude is not None:
+        summary["overlap"] = {"excluded_overlap": int((summary.get("stats") or {}).get("excluded_overlap", 0)),
+                              "gallery_coco_ids": len(exclude[0]), "gallery_flickr_ids": len(exclude[1])}
     out = {"summary": summary}
     for t in ("images", "regions", "captions", "_errors"):
         if t in skip:
@@ -226,6 +236,8 @@ def prepare_training_inputs(ctx: JobContext, run) -> TrainingInputs:
     # 1. datasets (the regions stay in storage: read part by part where they are needed)
     train = ensure_dataset(ctx, cfg.dataset, run.run_id, skip=("regions",))
     summary["dataset"] = train["summary"]
+    if "overlap" in train["summary"]:  # leakage guard: VG images that are gallery images, left out
+        run.log_metrics({f"dataset.{k}": v for k, v in train["summary"]["overlap"].items()})
     regions_rel = dataset_rel(cfg.dataset.name, "regions")
     m = store.manifest(regions_rel)
     if m is None or not m.get("row_count"):
@@ -310,7 +322,8 @@ def with_ood_vocabulary(table: KnowledgeTable, kv, cfg: MaskConfig) -> Knowledge
     words = [w for w in kv.index_to_key[: cfg.knowledge.ood_vocab_size] if w not in known]
     vecs, found = vectors_for(kv, words)
     words = [w for w, f in zip(words, found, strict=True) if f]
-    return extend_with_ood(table, words, np.asarray(vecs)[found], cfg.knowledge.ood_method, cfg.knowledge.m)
+    return extend_with_ood(table, words, np.asarray(vecs)[found], cfg.knowledge.ood_method, cfg.knowledge.m,
+                           **cfg.knowledge.ood_options())
 
 
 def knowledge_table(store: Store, cfg: MaskConfig, features_rel_: str, pae_bytes: bytes, words: list[str],
