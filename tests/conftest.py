@@ -16,6 +16,10 @@ import uuid
 import numpy as np
 import pytest
 
+# A loaded CI machine can take longer than Ray's default 30 s for a raylet to register; every local Ray
+# this session starts (in-process or in job subprocesses, which inherit the environment) waits longer.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
