@@ -5,7 +5,8 @@ wrong type fails at once with a message that names the key (``model.latent_dim: 
 valid integer``).  Library classes take plain arguments; the pipeline turns these models into them.
 
 Overrides use dotted paths, ``model.latent_dim=256 storage.root=s3://bucket/mask``; values are
-parsed as YAML scalars (``3``, ``1e-4``, ``true``, ``[1, 10, 50]``).
+parsed as YAML scalars (``3``, ``1e-4``, ``true``, ``[1, 10, 50]``); a value starting with ``@``
+(``index.knowledge=@champion``) is a plain string.
 """
 
 from __future__ import annotations
@@ -401,7 +402,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not keys:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            # '@' and '`' are reserved indicators in YAML, so "@champion" (a registry alias) is no scalar
+            # there: a value starting with one is taken as the plain string.
+            value = raw.strip() if raw.strip()[:1] in ("@", "`") else yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {path}: cannot parse value {raw!r}: {e}") from e
         node = data

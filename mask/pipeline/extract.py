@@ -116,6 +116,10 @@ def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
         for k, v in zip(cols, vals, strict=True):
             cols[k].append(v)
     out = dict(batch)
+    if "region_ids" in out:
+        # numpy batches hold list<string> as object arrays of object arrays, which Ray Data cannot turn back
+        # into Arrow (it pickles the column, with a warning); Python lists convert to list<string>
+        out["region_ids"] = _object_array([[str(x) for x in r] for r in out["region_ids"]])
     out["blob"] = _object_array(blobs)
     for k, v in cols.items():
         out[k] = np.array(v, dtype=object if k in ("stage", "error", "message", "content_sha256") else None)

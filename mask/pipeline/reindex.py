@@ -43,6 +43,7 @@ from mask.pipeline.index import (
 )
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import ensure_dataset, gallery_detector, require_gallery, resolve_and_load_knowledge
+from mask.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
         KnowledgeError / KnowledgeNotFound: the knowledge reference names nothing committed.
     """
     require_gallery(cfg)
+    check_inputs(cfg, ["gallery"], gallery_captions=True)  # before the lease, Ray and MLflow
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     name = cfg.gallery.name

@@ -35,6 +35,7 @@ from mask.pipeline.index import build_index, read_index_file
 from mask.pipeline.rerank import rerank_index
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import ensure_dataset, gallery_detector, require_gallery, resolve_and_load_knowledge
+from mask.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def score_gallery(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str
         BaseScoresError: unusable base scores (file and problem named).
     """
     require_gallery(cfg)
+    check_inputs(cfg, ["gallery"], gallery_captions=True)  # before Ray / MLflow start, as the knowledge
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     knowledge = resolve_and_load_knowledge(cfg, store, knowledge_ref)  # fails before Ray / MLflow start
