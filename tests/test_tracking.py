@@ -293,3 +293,35 @@ def test_against_mlflow_server(mlflow_server, tmp_path, s3_server):
     assert resolve_knowledge(cfg, s3_root, f"models:/server-knowledge/{v_s3}") == s3_uri
     with pytest.raises(KnowledgeNotFound, match="alias 'nope'"):
         resolve_knowledge(cfg, s3_root, "@nope")
+
+
+def test_buffered_run_logs_step_less_groups_once():
+    """BufferedRun keeps params, tags and step-less metrics until flush (one call each), passes stepped
+    metrics through, and still rejects a non-number where it is logged."""
+    from mask.tracking import BufferedRun, TrackingError
+
+    calls = []
+
+    class Fake:
+        run_id, tracking_uri = "r", "u"
+
+        def log_params(self, p):
+            calls.append(("params", dict(p)))
+
+        def log_metrics(self, m, step=None):
+            calls.append(("metrics", dict(m), step))
+
+        def set_tags(self, t):
+            calls.append(("tags", dict(t)))
+
+    with BufferedRun(Fake()) as run:
+        run.log_params({"a": 1})
+        run.log_metrics({"x": 1.0})
+        run.log_metrics({"y": 2.0})
+        run.log_metrics({"z": 3.0}, step=4)
+        run.set_tags({"t": "v"})
+        run.log_params({"b": 2})
+        with pytest.raises(TrackingError):
+            run.log_metrics({"bad": "nope"})
+        assert calls == [("metrics", {"z": 3.0}, 4)]
+    assert calls[1:] == [("params", {"a": 1, "b": 2}), ("tags", {"t": "v"}), ("metrics", {"x": 1.0, "y": 2.0}, None)]
