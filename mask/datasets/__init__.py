@@ -121,7 +121,6 @@ def ingest_dataset(store: Any, cfg: Any, storage_options: dict | None = None, de
     Returns:
         The :func:`write_dataset` summary, with ``"reused": True`` when nothing was rewritten.
     """
-
     tables = read_dataset(cfg, storage_options, demo_root)
     h = dataset_hash(_fp(cfg.model_dump(mode="json")), tables.inputs)
     manifests = {t: store.committed(dataset_rel(cfg.name, t), h) for t in _TABLES}

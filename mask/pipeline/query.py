@@ -28,6 +28,7 @@ from mask.errors import MaskError
 from mask.evaluation import padded_mu
 from mask.knowledge import build_prototypes_for
 from mask.pipeline.index import find_index, read_index_file, read_mu
+from mask.pipeline.runtime import JobContext
 from mask.pipeline.steps import resolve_and_load_knowledge
 from mask.scoring import _fill_padding, fill_score, index_captions, normalize_rows, topk
 from mask.storage import Store
@@ -55,7 +56,6 @@ class QueryEngine:
         parser: a :class:`mask.text.ContentWordParser` (None: from ``cfg.text``).
         kv: word vectors (None: loaded from ``cfg.vectors``).
     """
-
     def __init__(self, cfg: MaskConfig, table, mu: pa.Table, image_ids: list[str], caption_ids: list[str],
                  caption_texts: list[str], caption_words: list[list[str]], parser=None, kv=None):
 
@@ -112,7 +112,6 @@ class QueryEngine:
         Returns:
             ([{"word", "source" (knowledge / ood / missing)}], (W, Z) prototypes of the non-missing words).
         """
-
         if not isinstance(text, str):
             raise QueryError(f"query text: expected a str, got {type(text).__name__}")
         ws = self.parser.parse(text)
@@ -130,7 +129,6 @@ class QueryEngine:
         Returns:
             ``{"query", "words", "results": [{"image_id", "score"}], "seconds"}``.
         """
-
         t0 = time.perf_counter()
         words, p = self.words(text)
         n = len(self.image_ids)
@@ -157,7 +155,6 @@ class QueryEngine:
         Raises:
             QueryError: the image is not in the index.
         """
-
         t0 = time.perf_counter()
         i = self._image_pos.get(str(image_id))
         if i is None:
@@ -186,8 +183,7 @@ def query_job(cfg: MaskConfig, index_ref: str | None, texts: list[str], images: 
     Returns:
         ``{"index", "load_seconds", "text": [...], "image": [...]}`` (see the QueryEngine methods).
     """
-
-    store = Store(cfg.storage.root, cfg.storage.options)
+    store = JobContext.from_config(cfg).store
     rel = find_index(cfg, store, index_ref)
     t0 = time.perf_counter()
     engine = QueryEngine.from_index(cfg, store, rel)

@@ -43,7 +43,6 @@ class BaseScores:
         directions: which directions the file covers ("t2i", "i2t").
         missing: entries the file does not give.
     """
-
     matrix: np.ndarray
     directions: tuple[str, ...]
     missing: int = 0
@@ -280,7 +279,6 @@ def rerank_index(cfg: MaskConfig, store: Store, rel: str, dense: np.ndarray | No
     Returns:
         ``{"uri", "reused", "before", "after", "rows" (Table 2 layout), "directions", "missing"}``.
     """
-
     rc = cfg.rerank
     path = rc.base_scores
     art = base_scores_artifact(path, cfg.storage.options, store)
@@ -340,7 +338,6 @@ def read_base_scores_artifact(store: Store, rel: str) -> ArtifactScores:
         ArtifactNotFound: nothing committed at ``rel``.
         BaseScoresError: the matrix and the ids disagree.
     """
-
     ids = json.loads(store.read_file(rel, IDS_FILE))
     scores = np.load(io.BytesIO(store.read_file(rel, SCORES_FILE)), allow_pickle=False)
     shape = (len(ids["image_ids"]), len(ids["caption_ids"]))
