@@ -18,7 +18,12 @@ from mask.pipeline.evaluate import evaluate_gallery
 from mask.pipeline.gap import knowledge_checkpoint, log_gap_measures
 from mask.pipeline.identity import knowledge_version
 from mask.pipeline.runtime import JobContext, job_run
-from mask.pipeline.steps import knowledge_table, prepare_training_inputs, with_ood_vocabulary
+from mask.pipeline.steps import (
+    knowledge_table,
+    prepare_training_inputs,
+    resolve_and_load_knowledge,
+    with_ood_vocabulary,
+)
 from mask.pipeline.train import train_model
 
 logger = logging.getLogger(__name__)
@@ -67,5 +72,7 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
                 {"features": summary["features"]["features_uri"], "config_hash": version})
         # 5. evaluation on the gallery, if any
         if cfg.gallery is not None:
-            summary["evaluation"] = evaluate_gallery(ctx, table, pae_bytes, inputs.det_weights, run)
+            # the knowledge as score_gallery / reindex resolve it: the same μ artifact serves them all
+            summary["evaluation"] = evaluate_gallery(ctx, resolve_and_load_knowledge(cfg, store, krel),
+                                                     inputs.det_weights, run)
     return summary
