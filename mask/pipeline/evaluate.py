@@ -23,6 +23,7 @@ from mask.pipeline.identity import features_rel, mu_rel
 from mask.pipeline.index import (
     DENSE_FILE,
     ensure_mu,
+    features_content,
     find_index,
     gallery_order,
     has_file,
@@ -34,6 +35,7 @@ from mask.pipeline.index import (
 from mask.pipeline.rerank import load_base_scores
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import GalleryError, ResolvedKnowledge, ensure_dataset, require_gallery
+from mask.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +63,13 @@ def evaluate_gallery(ctx: JobContext, knowledge: ResolvedKnowledge, det_weights:
     frel = features_rel(gcfg.name, cfg.detector)
     if not store.part_uris(frel):
         raise GalleryError(f"gallery {gcfg.name}: no image has region features ({store.uri(frel)})")
-    feat_ids = set(store.read_table(frel, columns=["image_id"]).column("image_id").to_pylist())
-    o = gallery_order(gallery["images"], gallery["captions"], feat_ids, gcfg.name)
+    content = features_content(store, frel)
+    o = gallery_order(gallery["images"], gallery["captions"], set(content), gcfg.name)
     if o.dropped_images:
         logger.warning("gallery %s: %d images have no features (see the features' _errors) and are left out",
                        gcfg.name, o.dropped_images)
     mrel = mu_rel(cfg, knowledge)
-    ensure_mu(ctx, knowledge.pae_bytes, frel, mrel, mrel.rsplit("/", 1)[-1], o.image_ids, run.run_id)
+    ensure_mu(ctx, knowledge.pae_bytes, frel, mrel, mrel.rsplit("/", 1)[-1], o.image_ids, run.run_id, content)
     captions = pa.table({"caption_id": o.caption_ids, "image_id": o.caption_image, "text": o.texts})
     results = evaluate(cfg, knowledge.table, o.image_ids, read_mu(store, mrel, o.image_ids), captions)
     md = format_table(results)
@@ -122,6 +124,7 @@ def evaluate_job(cfg: MaskConfig, index_ref: str | None = None, scores_path: str
     """
     if protocol not in PROTOCOLS:
         raise GalleryError(f"--protocol {protocol!r}: expected one of {PROTOCOLS}")
+    check_inputs(cfg, [])  # the storage root is writable (the MLflow store lives there)
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     rel = find_index(cfg, store, index_ref)

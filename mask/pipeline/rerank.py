@@ -175,10 +175,16 @@ def _from_artifact(g: _Gallery, a: ArtifactScores) -> BaseScores:
 
 def _from_npy(g: _Gallery, raw: bytes) -> BaseScores:
     n, t = g.shape
+    if not raw.startswith(b"\x93NUMPY"):
+        # np.load takes anything without the NumPy magic for a pickle, and would say "pickled data"
+        raise BaseScoresError(f"{g.name}: not a .npy file (no NumPy header; it starts with {raw[:8]!r}); "
+                              "save the (images × captions) matrix with numpy.save")
     try:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
     except ValueError as e:
-        raise BaseScoresError(f"{g.name}: not a readable .npy matrix ({e})") from None
+        why = "it holds Python objects (dtype object), not numbers" if "pickle" in str(e) else str(e)
+        raise BaseScoresError(f"{g.name}: not a readable .npy matrix: {why}; save a float matrix with "
+                              "numpy.save") from None
     if arr.ndim != 2 or arr.shape != (n, t):
         raise BaseScoresError(f"{g.name}: has shape {arr.shape}, the gallery has {n} images × {t} captions "
                               "(rows/columns in the order of the index's images.parquet / captions.parquet)")

@@ -34,11 +34,11 @@ from mask.storage.errors import ArtifactNotFound, StorageError
 from mask.storage.fingerprints import fingerprint, fingerprint_files
 from mask.storage.paths import FILES_DIR, MANIFEST, PARTS_DIR, SCHEMA_VERSION, parse_uri
 from mask.storage.redaction import _CREDENTIAL_OPTION_KEYS, REDACTED, is_secret_key, redact, redact_text
-from mask.storage.store import S3_MAX_ATTEMPTS, Store
+from mask.storage.store import S3_MAX_ATTEMPTS, Store, sweep_parts
 from mask.storage.version import code_version
 
 __all__ = [
     "FILES_DIR", "MANIFEST", "PARTS_DIR", "REDACTED", "S3_MAX_ATTEMPTS", "SCHEMA_VERSION", "_CREDENTIAL_OPTION_KEYS",
     "ArtifactNotFound", "ArtifactWriter", "StorageError", "Store", "code_version", "fingerprint", "fingerprint_files",
-    "is_secret_key", "parse_uri", "redact", "redact_text",
+    "is_secret_key", "parse_uri", "redact", "redact_text", "sweep_parts",
 ]

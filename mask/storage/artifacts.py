@@ -6,14 +6,23 @@ import base64
 import datetime as _dt
 import hashlib
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mask.storage.errors import StorageError
-from mask.storage.paths import FILES_DIR, MANIFEST, PARTS_DIR, SCHEMA_VERSION, _split_rel, _validate_name
+from mask.storage.paths import (
+    FILES_DIR,
+    MANIFEST,
+    PARTS_DIR,
+    SCHEMA_VERSION,
+    _split_rel,
+    _validate_name,
+)
 from mask.storage.redaction import redact
 from mask.storage.version import code_version
 
@@ -68,6 +77,7 @@ class ArtifactWriter:
         self.token = uuid.uuid4().hex[:12]
         self._parts: list[dict[str, Any]] = []
         self._files: list[dict[str, Any]] = []
+        self._retire: list[tuple[list[str], Callable[[pa.Table], Any], str]] = []
         self._state = "open"
         self._previous = store.manifest(rel)
         self._schema: pa.Schema | None = None
@@ -200,6 +210,65 @@ class ArtifactWriter:
         self._files.append({"name": name, "path": frel, "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest()})
 
+    def retire_rows(self, columns: list[str], predicate: Callable[[pa.Table], Any], into: str = "") -> None:
+        """At commit, drop the rows of already committed parts for which ``predicate`` is true.
+
+        Used to replace superseded rows (an image re-extracted because its bytes changed): each committed
+        part holding such rows is rewritten without them as a new part (under ``parts/<into>/``) and the
+        manifest lists the rewritten part instead of the old one — one manifest write, so a reader sees
+        either the old rows or the new ones, never both nor neither.  The old part files stay on storage,
+        listed under the manifest's ``retired`` with the time, for readers that hold the previous manifest;
+        :func:`sweep_parts` deletes them once older than its grace period.
+
+        Args:
+            columns: the columns ``predicate`` needs (only those are read from each part).
+            predicate: Table (those columns) → boolean array, true for the rows to drop.
+            into: sub-folder of ``parts/`` for the rewritten parts (the writer's run folder), or "".
+        """
+        self._check_open()
+        if into:
+            _split_rel(into, f"retire_rows(into) of {self.uri}")
+        self._retire.append((list(columns), predicate, into))
+
+    def _apply_retire(self, parts: list[dict[str, Any]], new_names: set[str]) -> tuple[list[dict], list[dict]]:
+        """Apply :meth:`retire_rows` to the committed parts of ``parts`` → (parts, newly retired entries)."""
+        if not self._retire:
+            return parts, []
+        import numpy as np
+
+        fs = self.store.pyarrow_filesystem()
+        now = time.time()
+        out: list[dict[str, Any]] = []
+        retired: list[dict[str, Any]] = []
+        for p in parts:
+            if p["name"] in new_names:
+                out.append(p)
+                continue
+            native = self.store.path(self.rel, p["path"])
+            drop = None
+            for columns, predicate, _into in self._retire:
+                t = pq.read_table(native, filesystem=fs, columns=columns)
+                d = np.asarray(predicate(t), bool)
+                drop = d if drop is None else drop | d
+            if drop is None or not drop.any():
+                out.append(p)
+                continue
+            retired.append({"path": p["path"], "retired_at": now, "rows": int(drop.sum())})
+            if drop.all():
+                continue
+            keep = pq.read_table(native, filesystem=fs).filter(pa.array(~drop))
+            into = self._retire[0][2]
+            base = p["name"].rsplit("/", 1)[-1]
+            name = f"{into}/{base}-r{self.token}" if into else f"{base}-r{self.token}"
+            prel = f"{PARTS_DIR}/{name}.parquet"
+            size = self.store.write_parquet(f"{self.rel}/{prel}", keep)
+            self._parts.append({"name": name, "path": prel, "rows": int(keep.num_rows), "bytes": size})
+            out.append({"name": name, "path": prel, "rows": int(keep.num_rows), "bytes": size})
+        if retired:
+            logger.info("artifact %s: %d superseded rows dropped from %d parts", self.uri,
+                        sum(r["rows"] for r in retired), len(retired))
+        return out, retired
+
     def abort(self) -> None:
         """Give up: nothing is committed; delete what this writer wrote (best effort)."""
         if self._state != "open":
@@ -229,8 +298,8 @@ class ArtifactWriter:
         self._check_open()
         parts = list(self._parts)
         files = list(self._files)
-        if self.append:
-            current = self.store.manifest(self.rel)  # re-read: another commit may have landed
+        current = self.store.manifest(self.rel) if (self.append or self._retire) else None
+        if self.append:  # current: re-read, another commit may have landed
             if current is not None:
                 self._check_compatible(current)
                 if current.get("schema") and self._schema is not None:
@@ -247,6 +316,8 @@ class ArtifactWriter:
                 parts = [*(current.get("parts") or []), *parts]
                 new_files = {f["name"] for f in files}
                 files = [*(f for f in current.get("files") or [] if f["name"] not in new_files), *files]
+        parts, retired = self._apply_retire(parts, {p["name"] for p in self._parts})
+        retired = [*((current or self._previous or {}).get("retired") or []), *retired]
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "kind": self.kind,
@@ -262,6 +333,8 @@ class ArtifactWriter:
             "mlflow_run_id": mlflow_run_id,
             "extra": redact(dict(extra or {})),
         }
+        if retired:
+            manifest["retired"] = retired
         self.store.write_json(f"{self.rel}/{MANIFEST}", manifest)
         self._state = "committed"
         logger.info("committed artifact %s (%s, %d parts, %d rows)", self.uri, self.kind, len(parts),

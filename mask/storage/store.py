@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import hashlib
 import json
 import logging
 import os
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fsspec
@@ -18,7 +20,14 @@ import pyarrow.parquet as pq
 
 from mask.storage.artifacts import ArtifactWriter, _schema_from_b64
 from mask.storage.errors import ArtifactNotFound, StorageError
-from mask.storage.paths import _TMP_MARK, MANIFEST, PARTS_DIR, SCHEMA_VERSION, _split_rel, parse_uri
+from mask.storage.paths import (
+    _TMP_MARK,
+    MANIFEST,
+    PARTS_DIR,
+    SCHEMA_VERSION,
+    _split_rel,
+    parse_uri,
+)
 from mask.storage.redaction import _check_options
 from mask.storage.version import code_version
 
@@ -408,3 +417,77 @@ class Store:
             raise StorageError(f"artifact {self.uri(rel)}: file {name!r} does not match its manifest "
                                "SHA-256 (damaged or overwritten)")
         return data
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for k in ("mtime", "LastModified", "last_modified", "created"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if isinstance(v, _dt.datetime):
+            return v.timestamp()
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return 0.0
+
+
+def sweep_parts(store: Store, rel: str, run_dead: Callable[[str, float], bool], grace_s: float = 3600.0,
+                ) -> dict[str, int]:
+    """Delete the part files of dead writers that no committed manifest lists (and retired parts).
+
+    Writers that place their parts in a run folder (``<rel>/parts/run-<id>/…``, the extraction) leave
+    them behind when killed before their commit; no reader takes them (no manifest lists them) and
+    nothing else would ever delete them.  A run folder is swept only when ``run_dead(run, newest_mtime)``
+    says its writer is gone (the caller decides, e.g. from the run's lease), so a live run's parts,
+    written but not committed yet, are never touched.  Parts the manifest ``retired`` (rows superseded
+    by :meth:`ArtifactWriter.retire_rows`) are deleted once retired for more than ``grace_s`` seconds,
+    so a reader holding the previous manifest can still finish.
+
+    Args:
+        store: the storage root.
+        rel: the artifact folder.
+        run_dead: ``(run folder name, newest file mtime in Unix seconds) → bool``.
+        grace_s: seconds a retired part is kept.
+
+    Returns:
+        ``{"orphans": files of dead runs deleted, "retired": retired parts deleted, "runs": dead run
+        folders swept}``.
+    """
+    m = store.manifest(rel) or {}
+    listed = {p.get("path") or f"{PARTS_DIR}/{p['name']}.parquet" for p in m.get("parts") or []}
+    base = store.path(rel, PARTS_DIR)
+    try:
+        found = store.fs.find(base, detail=True)
+    except FileNotFoundError:
+        found = {}
+    runs: dict[str, list[tuple[str, float]]] = {}
+    prefix = store.path(rel) + "/"
+    for native, info in found.items():
+        if info.get("type") == "directory":
+            continue
+        relpath = native[len(prefix):] if native.startswith(prefix) else native
+        segs = relpath.split("/")
+        if len(segs) >= 3 and segs[1].startswith("run-"):
+            runs.setdefault(segs[1], []).append((relpath, _mtime(info)))
+    out = {"orphans": 0, "retired": 0, "runs": 0}
+    for run, files in sorted(runs.items()):
+        orphans = [f for f, _ in files if f not in listed]
+        if not orphans or not run_dead(run, max(t for _, t in files)):
+            continue
+        out["runs"] += 1
+        for f in orphans:
+            store.delete(f"{rel}/{f}")
+            out["orphans"] += 1
+    now = time.time()
+    for r in m.get("retired") or []:
+        path = r.get("path")
+        if path and path not in listed and now - float(r.get("retired_at") or now) > grace_s \
+                and store.exists(rel, path):
+            store.delete(f"{rel}/{path}")
+            out["retired"] += 1
+    if out["orphans"] or out["retired"]:
+        logger.info("artifact %s: swept %d uncommitted part files of %d dead runs and %d retired parts",
+                    store.uri(rel), out["orphans"], out["runs"], out["retired"])
+    return out
