@@ -26,7 +26,7 @@ from mask.pipeline.steps import (
     with_ood_vocabulary,
 )
 from mask.pipeline.train import train_model
-from mask.preflight import check_inputs
+from mask.preflight import check_inputs, check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
     # every check that needs no computation, before Ray and MLflow start (a captionless gallery fails here,
     # not after training)
     check_inputs(cfg, ["dataset", "gallery"] if cfg.gallery is not None else ["dataset"], gallery_captions=True)
+    check_settings(cfg)  # contradictory settings stop the job before any work (the key named)
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     uri = ctx.tracking_uri

@@ -37,7 +37,7 @@ import torch
 from mask.config import MaskConfig, TrainConfig
 from mask.errors import MaskError
 from mask.faults import driver_spec, exit_point
-from mask.losses import NonFiniteLoss, check_finite, mask_loss
+from mask.losses import NonFiniteLoss, check_finite, loss_shares, mask_loss
 from mask.models import PrototypeTable, build_model, save_pae
 from mask.pipeline.identity import train_run_name
 from mask.pipeline.runtime import JobContext, job_run
@@ -164,10 +164,18 @@ def images_per_batch(train: TrainConfig, epoch: int, pairs_per_image: float, wor
 
 
 def loss_weights(cfg: MaskConfig) -> dict[str, float]:
-    """Keyword arguments of :func:`mask.losses.mask_loss` from the config (λ1, λ2, KL weight, τ, DIAS)."""
+    """Keyword arguments of :func:`mask.losses.mask_loss` from the config (λ1, λ2, KL weight, τ, DIAS,
+    and the literal-form switches ``loss.cl_normalize``, ``loss.cl_exclude_same_word``, ``loss.ir_reduction``)."""
     lo = cfg.loss
     return {"lambda_cm": lo.lambda_cm, "lambda_cl": lo.lambda_cl, "kl_weight": lo.kl_weight, "tau": lo.tau,
-            "dias_weight": lo.dias_weight}
+            "dias_weight": lo.dias_weight, "cl_normalize": lo.cl_normalize,
+            "cl_exclude_same_word": lo.cl_exclude_same_word, "ir_reduction": lo.ir_reduction}
+
+
+def epoch_shares(epoch_metrics: dict[str, Any], weights: dict[str, Any]) -> dict[str, float]:
+    """``epoch.share_<term>``: each weighted loss term's share of the epoch's total (:func:`mask.losses.loss_shares`)."""
+    terms = {k[len("epoch."):]: v for k, v in epoch_metrics.items() if k.startswith("epoch.loss_")}
+    return {f"epoch.{k}": v for k, v in loss_shares(terms, **weights).items()}
 
 
 def train_step(model: torch.nn.Module, inner: TrainModule, opt: torch.optim.Optimizer, b: dict[str, torch.Tensor],
@@ -459,6 +467,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             return {"nonfinite": _own_failure(failure, dist, world), "step": step + 1, "epoch": epoch}
         secs = time.perf_counter() - t0
         metrics = _epoch_metrics(sums, n_pairs, n_batches, time.process_time() - c0, secs, dist, device)
+        metrics.update(epoch_shares(metrics, weights))
         metrics.update({"epoch": epoch, "step": step, "resumes": resumes, "start_epoch": start_epoch,
                         "threads": threads, "world_size": world})
         last_metrics = metrics
