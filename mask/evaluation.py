@@ -47,7 +47,6 @@ def map_captions(cfg: MaskConfig, table, texts: list[str], parser=None, kv=None,
 
     Words with no prototype and no vector are dropped and counted (``coverage["no_vector"]``).
     """
-
     parser = parser or ContentWordParser.from_config(cfg.text)
     kv = kv if kv is not None else load_vectors(cfg.vectors.source, cfg.vectors.format, cfg.vectors.cache_dir)
     words_per_caption = parser.parse_batch(texts)

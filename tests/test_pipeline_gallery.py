@@ -96,6 +96,14 @@ def test_index_metrics_match_main_job_mask_scores(world):
         {k: world["built"]["evaluation"]["mask"][k] for k in world["scored"]["metrics"]})
 
 
+def test_score_gallery_reuses_the_main_jobs_mu(world):
+    """The main job's evaluation commits μ to the gallery's shared μ artifact; score_gallery computes none."""
+    store, rel, f = _index(world)
+    assert world["built"]["evaluation"]["mu"] == store.uri(f["index.json"]["mu"])
+    assert f["metrics.json"]["reuse"]["mu_computed"] == 0
+    assert f["metrics.json"]["reuse"]["mu_where"] == "none"
+
+
 def test_mlflow_run_of_score_gallery(world):
     import mlflow
 

@@ -130,7 +130,6 @@ def ingest_dataset(store: Any, cfg: Any, storage_options: dict | None = None, de
     Returns:
         The :func:`write_dataset` summary, with ``"reused": True`` when nothing was rewritten.
     """
-
     tables = read_dataset(cfg, storage_options, demo_root, exclude=exclude)
     ident = cfg.model_dump(mode="json")
     if exclude is not None:

@@ -295,7 +295,6 @@ class ClipStage:
             (the decode stage used it).
         cpu_threads: torch threads of this actor on CPU (None: leave torch's/Ray's setting).
     """
-
     def __init__(self, clip_cfg: dict[str, Any], seed: int, storage_options: dict[str, Any],
                  preprocess_cfg: dict[str, Any], cpu_threads: int | None = None):
         clip = ClipConfig.model_validate(clip_cfg)

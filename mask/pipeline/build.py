@@ -19,7 +19,12 @@ from mask.pipeline.evaluate import evaluate_gallery
 from mask.pipeline.gap import knowledge_checkpoint, log_gap_measures
 from mask.pipeline.identity import knowledge_version
 from mask.pipeline.runtime import JobContext, job_run
-from mask.pipeline.steps import knowledge_table, prepare_training_inputs, with_ood_vocabulary
+from mask.pipeline.steps import (
+    knowledge_table,
+    prepare_training_inputs,
+    resolve_and_load_knowledge,
+    with_ood_vocabulary,
+)
 from mask.pipeline.train import train_model
 from mask.preflight import check_inputs, check_settings
 
@@ -69,7 +74,9 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
         summary["mlflow"] = {"tracking_uri": uri, "run_id": run_id}
         # 5. evaluation on the gallery, if any
         if cfg.gallery is not None:
-            summary["evaluation"] = evaluate_gallery(ctx, table, pae_bytes, inputs.det_weights, run)
+            # the knowledge as score_gallery / reindex resolve it: the same μ artifact serves them all
+            summary["evaluation"] = evaluate_gallery(ctx, resolve_and_load_knowledge(cfg, store, krel),
+                                                     inputs.det_weights, run)
         # 6. register last: a model version (and the move of alias `latest`) only for a run that succeeded
         if run_id is not None:
             summary["mlflow"]["model_version"] = tracking.register_knowledge(

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,75 +19,59 @@ from mask.config import MaskConfig
 from mask.evaluation import evaluate, format_table, markdown_table
 from mask.metrics import coco_5fold_1k, coco_5k, recall_at_k
 from mask.pipeline.extract import run_extraction
-from mask.pipeline.identity import features_rel
+from mask.pipeline.identity import features_rel, mu_rel
 from mask.pipeline.index import (
     DENSE_FILE,
-    GalleryOrder,
+    ensure_mu,
+    features_content,
     find_index,
     gallery_order,
     has_file,
     index_dense,
     read_index_file,
+    read_mu,
     recall_from_topk,
 )
-from mask.pipeline.represent import image_representations
 from mask.pipeline.rerank import load_base_scores
-from mask.pipeline.resources import ensure_gpus
 from mask.pipeline.runtime import JobContext, job_run
-from mask.pipeline.steps import MU_COLUMNS, GalleryError, ensure_dataset, features_dataset, require_gallery
+from mask.pipeline.steps import GalleryError, ResolvedKnowledge, ensure_dataset, require_gallery
 from mask.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class GalleryInputs:
-    """A gallery with features and μ, in gallery order."""
+def evaluate_gallery(ctx: JobContext, knowledge: ResolvedKnowledge, det_weights: str | None, run) -> dict[str, Any]:
+    """The main job's evaluation: gallery features (detected boxes) → μ → MASK and its ablations → R@K
+    table (logged to MLflow).
 
-    order: GalleryOrder
-    mu: pa.Table  # image_id, mu (n×Z flat), num_boxes, latent_dim — rows in order.image_ids
-    dataset: dict[str, Any]
-    features: dict[str, Any]
-    timings: dict[str, float] = field(default_factory=dict)
+    μ goes to the gallery's shared μ artifact (:func:`mask.pipeline.index.ensure_mu`, keyed by the
+    knowledge and the features), so a later ``score_gallery`` or ``reindex`` with this knowledge
+    computes none again.
 
-
-def gallery_inputs(ctx: JobContext, run, pae_bytes: bytes, det_weights: str | None) -> GalleryInputs:
-    """Gallery dataset → features (extracted when missing) → μ per image (Ray Data)."""
-    cfg = ctx.cfg
-    require_gallery(cfg)
-    t: dict[str, float] = {}
-    t0 = time.perf_counter()
-    gallery = ensure_dataset(ctx, cfg.gallery, run.run_id)
+    Args:
+        ctx: job context.
+        knowledge: the committed knowledge (:func:`mask.pipeline.steps.resolve_and_load_knowledge`).
+        det_weights: committed detector weights (None: ``detector.weights``).
+        run: the job's MLflow run.
+    """
+    cfg, store = ctx.cfg, ctx.store
+    gcfg = require_gallery(cfg)
+    gallery = ensure_dataset(ctx, gcfg, run.run_id)
     if gallery.get("captions") is None:
-        raise GalleryError(f"gallery {cfg.gallery.name}: the dataset has no captions")
-    t["dataset"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fsum = run_extraction(cfg, ctx.store, cfg.gallery.name, gallery["images"], None, det_weights, tracker=run)
-    t["features"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    frel = features_rel(cfg.gallery.name, cfg.detector)
-    if not ctx.store.part_uris(frel):
-        raise GalleryError(f"gallery {cfg.gallery.name}: no image has region features ({ctx.store.uri(frel)})")
-    ds = features_dataset(ctx.store, frel, MU_COLUMNS)
-    ensure_gpus(cfg, "represent.num_gpus", cfg.represent.num_gpus)
-    mu = image_representations(ds, pae_bytes, cfg.represent)
-    t["mu"] = time.perf_counter() - t0
-    ok = set(mu.column("image_id").to_pylist())
-    order = gallery_order(gallery["images"], gallery["captions"], ok, cfg.gallery.name)
-    if order.dropped_images:
+        raise GalleryError(f"gallery {gcfg.name}: the dataset has no captions")
+    fsum = run_extraction(cfg, store, gcfg.name, gallery["images"], None, det_weights, tracker=run)
+    frel = features_rel(gcfg.name, cfg.detector)
+    if not store.part_uris(frel):
+        raise GalleryError(f"gallery {gcfg.name}: no image has region features ({store.uri(frel)})")
+    content = features_content(store, frel)
+    o = gallery_order(gallery["images"], gallery["captions"], set(content), gcfg.name)
+    if o.dropped_images:
         logger.warning("gallery %s: %d images have no features (see the features' _errors) and are left out",
-                       cfg.gallery.name, order.dropped_images)
-    where = {x: i for i, x in enumerate(mu.column("image_id").to_pylist())}
-    mu = mu.take(pa.array([where[x] for x in order.image_ids], pa.int64()))
-    return GalleryInputs(order=order, mu=mu, dataset=gallery, features=fsum, timings=t)
-
-
-def evaluate_gallery(ctx: JobContext, table, pae_bytes: bytes, det_weights: str | None, run) -> dict[str, Any]:
-    """Gallery features (detected boxes) → μ → MASK and ablations → R@K table (logged to MLflow)."""
-    g = gallery_inputs(ctx, run, pae_bytes, det_weights)
-    o = g.order
+                       gcfg.name, o.dropped_images)
+    mrel = mu_rel(cfg, knowledge)
+    ensure_mu(ctx, knowledge.pae_bytes, frel, mrel, mrel.rsplit("/", 1)[-1], o.image_ids, run.run_id, content)
     captions = pa.table({"caption_id": o.caption_ids, "image_id": o.caption_image, "text": o.texts})
-    results = evaluate(ctx.cfg, table, o.image_ids, g.mu, captions)
+    results = evaluate(cfg, knowledge.table, o.image_ids, read_mu(store, mrel, o.image_ids), captions)
     md = format_table(results)
     for name, m in results.items():
         if isinstance(m, dict) and "rsum" in m:
@@ -104,7 +86,7 @@ def evaluate_gallery(ctx: JobContext, table, pae_bytes: bytes, det_weights: str 
                 run.log_metrics({f"finetune.{k}": v for k, v in h.items()}, step=i)
         run.log_metrics({f"finetune.{k}": float(v) for k, v in ft.items()})
     run.log_text(md, "evaluation.md")
-    return {"gallery": ctx.cfg.gallery.name, "images": len(o.image_ids), "features": g.features, "table": md,
+    return {"gallery": gcfg.name, "images": len(o.image_ids), "features": fsum, "table": md, "mu": store.uri(mrel),
             **results}
 
 

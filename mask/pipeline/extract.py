@@ -94,7 +94,6 @@ def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
 
     Failures become error rows (``stage``, ``error``, ``message``), never exceptions.
     """
-
     det = DetectorConfig.model_validate(det_cfg)
     pixel_mean = spec_from_config(det).pixel_mean_bgr
     n = len(batch["image_id"])
@@ -156,7 +155,6 @@ class DetectStage:
         cpu_threads: torch threads of this actor (None: leave torch's/Ray's setting).
         fault: a :mod:`mask.faults` spec (tests), or "".
     """
-
     def __init__(self, det_cfg: dict[str, Any], weights: tuple[str, dict, str] | None,
                  cpu_threads: int | None = None, fault: str = ""):
         self.fault = fault

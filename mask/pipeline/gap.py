@@ -67,7 +67,6 @@ def log_gap_measures(store: Store, cfg, table, checkpoint_uri: str | None, run) 
     Returns:
         The ``gap.*`` metrics (empty when skipped).
     """
-
     try:
         if not checkpoint_uri:
             raise FileNotFoundError("no training checkpoint is recorded for this knowledge")

@@ -70,7 +70,6 @@ class GalleryOrder:
         caption_to_image: (T,) row of each caption's image.
         dropped_images: gallery images left out (no features).
     """
-
     image_ids: list[str]
     caption_ids: list[str]
     caption_image: list[str]
@@ -264,7 +263,6 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
     Returns:
         ``{"computed", "changed", "reused", "where", "seconds"}``.
     """
-
     t0 = time.perf_counter()
     store = ctx.store
     have = mu_state(store, mrel)
@@ -480,7 +478,6 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
             parses); None = from scratch (features and μ are still reused from their artifacts).
         keep_dense: return the dense matrix even when it is too large to store.
     """
-
     cfg, store = ctx.cfg, ctx.store
     name = cfg.gallery.name
     timings: dict[str, float] = {}

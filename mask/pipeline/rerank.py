@@ -43,7 +43,6 @@ class BaseScores:
         directions: which directions the file covers ("t2i", "i2t").
         missing: entries the file does not give.
     """
-
     matrix: np.ndarray
     directions: tuple[str, ...]
     missing: int = 0
@@ -105,135 +104,161 @@ def load_base_scores(path: str, image_ids: list[str], caption_ids: list[str],
         BaseScoresError: unreadable file, wrong shape or columns, NaN/inf, unknown or duplicate ids,
             mismatched list lengths — naming the file and the problem.
     """
-
-    n, t = len(image_ids), len(caption_ids)
-    name = f"rerank.base_scores {path}"
+    g = _Gallery(f"rerank.base_scores {path}", image_ids, caption_ids)
     if artifact is None and raw is None:
         artifact = base_scores_artifact(path, storage_options or {})
     if artifact is not None:  # a jobs/base_scores.py artifact: its ids say where each row and column goes
-        a = read_base_scores_artifact(artifact[0], artifact[1])
-        img_pos = {x: i for i, x in enumerate(image_ids)}
-        cap_pos = {x: i for i, x in enumerate(caption_ids)}
-        unknown = [x for x in a.image_ids if x not in img_pos] + [x for x in a.caption_ids if x not in cap_pos]
-        if unknown:
-            raise BaseScoresError(f"{name}: {len(unknown)} ids of the artifact are not in the gallery, e.g. "
-                                  f"{unknown[:5]} (scored for another gallery?)")
-        if not np.isfinite(a.scores).all():
-            raise BaseScoresError(f"{name}: non-finite scores in the artifact's scores.npy")
-        mat = np.full((n, t), np.nan)
-        rows = np.asarray([img_pos[x] for x in a.image_ids], np.int64)
-        cols = np.asarray([cap_pos[x] for x in a.caption_ids], np.int64)
-        mat[np.ix_(rows, cols)] = a.scores
-        given = np.isfinite(mat)
-        if not given.any():
-            raise BaseScoresError(f"{name}: has no scores")
-        missing = int((~given).sum())
-        mat[~given] = fill_score(float(mat[given].min()))
-        return BaseScores(matrix=mat, directions=("t2i", "i2t"), missing=missing)
+        return _from_artifact(g, read_base_scores_artifact(artifact[0], artifact[1]))
     raw = _read_bytes(path, storage_options or {}) if raw is None else raw
     if path.endswith(".npy"):
-        if not raw.startswith(b"\x93NUMPY"):
-            # np.load takes anything without the NumPy magic for a pickle, and would say "pickled data"
-            raise BaseScoresError(f"{name}: not a .npy file (no NumPy header; it starts with {raw[:8]!r}); "
-                                  "save the (images × captions) matrix with numpy.save")
-        try:
-            arr = np.load(io.BytesIO(raw), allow_pickle=False)
-        except ValueError as e:
-            why = "it holds Python objects (dtype object), not numbers" if "pickle" in str(e) else str(e)
-            raise BaseScoresError(f"{name}: not a readable .npy matrix: {why}; save a float matrix with "
-                                  "numpy.save") from None
-        if arr.ndim != 2 or arr.shape != (n, t):
-            raise BaseScoresError(f"{name}: has shape {arr.shape}, the gallery has {n} images × {t} captions "
-                                  "(rows/columns in the order of the index's images.parquet / captions.parquet)")
-        if arr.dtype.kind not in "fiu":
-            raise BaseScoresError(f"{name}: expected numbers, got dtype {arr.dtype}")
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
-            raise BaseScoresError(f"{name}: non-finite value {arr[r, c]} at [{r}, {c}] "
-                                  f"(image {image_ids[r]!r}, caption {caption_ids[c]!r}); {int(bad.sum())} in all")
-        return BaseScores(matrix=arr.astype(np.float64), directions=("t2i", "i2t"))
+        return _from_npy(g, raw)
     try:
         table = pq.read_table(io.BytesIO(raw))
     except (pa.ArrowInvalid, OSError) as e:
-        raise BaseScoresError(f"{name}: neither a .npy file nor readable Parquet ({e})") from None
+        raise BaseScoresError(f"{g.name}: neither a .npy file nor readable Parquet ({e})") from None
     cols = set(table.column_names)
-    img_pos = {x: i for i, x in enumerate(image_ids)}
-    cap_pos = {x: i for i, x in enumerate(caption_ids)}
+    if {"image_id", "caption_id", "score"} <= cols:
+        return _from_pairs(g, table)
+    if {"query_id", "candidate_ids", "scores"} <= cols:
+        return _from_topk(g, table)
+    raise BaseScoresError(f"{g.name}: Parquet columns {sorted(cols)} are neither (image_id, caption_id, score) "
+                          "nor (query_id, candidate_ids, scores)")
 
-    def positions(ids: list[str], where: dict[str, int], what: str) -> np.ndarray:
+
+class _Gallery:
+    """The gallery order a base-score file is aligned with; its checks name the file."""
+
+    def __init__(self, name: str, image_ids: list[str], caption_ids: list[str]):
+        self.name, self.image_ids, self.caption_ids = name, image_ids, caption_ids
+        self.img_pos = {x: i for i, x in enumerate(image_ids)}
+        self.cap_pos = {x: i for i, x in enumerate(caption_ids)}
+        self.shape = (len(image_ids), len(caption_ids))
+
+    def positions(self, ids: list[str], where: dict[str, int], what: str) -> np.ndarray:
         unknown = sorted({x for x in ids if x not in where})
         if unknown:
-            raise BaseScoresError(f"{name}: {len(unknown)} unknown {what}(s) not in the gallery, e.g. {unknown[:5]}")
+            raise BaseScoresError(f"{self.name}: {len(unknown)} unknown {what}(s) not in the gallery, "
+                                  f"e.g. {unknown[:5]}")
         return np.asarray([where[x] for x in ids], np.int64)
 
-    def finite(vals: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def finite(self, vals: np.ndarray, rows: np.ndarray) -> np.ndarray:
         bad = ~np.isfinite(vals)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise BaseScoresError(f"{name}: non-finite score {vals[i]} in row {int(rows[i])} ({int(bad.sum())} in all)")
+            raise BaseScoresError(f"{self.name}: non-finite score {vals[i]} in row {int(rows[i])} "
+                                  f"({int(bad.sum())} in all)")
         return vals
 
-    mat = np.full((n, t), np.nan)
-    if {"image_id", "caption_id", "score"} <= cols:
-        ii = positions([str(x) for x in table.column("image_id").to_pylist()], img_pos, "image_id")
-        cc = positions([str(x) for x in table.column("caption_id").to_pylist()], cap_pos, "caption_id")
-        vals = np.asarray(table.column("score").to_numpy(zero_copy_only=False), np.float64)
-        finite(vals, np.arange(len(vals)))
-        key = ii * t + cc
-        uniq, first, cnt = np.unique(key, return_index=True, return_counts=True)
-        if (cnt > 1).any():
-            d = int(uniq[cnt > 1][0])
-            raise BaseScoresError(f"{name}: duplicate pair image_id={image_ids[d // t]!r}, "
-                                  f"caption_id={caption_ids[d % t]!r} ({int((cnt > 1).sum())} duplicated pairs)")
-        mat[ii, cc] = vals
-        directions: tuple[str, ...] = ("t2i", "i2t")
-    elif {"query_id", "candidate_ids", "scores"} <= cols:
-        q = [str(x) for x in table.column("query_id").to_pylist()]
-        cands = table.column("candidate_ids").to_pylist()
-        scores = table.column("scores").to_pylist()
-        if "direction" in cols:
-            dirs = [str(x) for x in table.column("direction").to_pylist()]
-            bad_dir = sorted(set(dirs) - {"t2i", "i2t"})
-            if bad_dir:
-                raise BaseScoresError(f"{name}: direction must be 't2i' or 'i2t', got {bad_dir[:3]}")
+    def filled(self, mat: np.ndarray, directions: tuple[str, ...]) -> BaseScores:
+        """Pairs the file does not give (NaN in ``mat``) get the fill score."""
+        given = np.isfinite(mat)
+        if not given.any():
+            raise BaseScoresError(f"{self.name}: has no scores")
+        missing = int((~given).sum())
+        mat[~given] = fill_score(float(mat[given].min()))
+        return BaseScores(matrix=mat, directions=directions, missing=missing)
+
+
+def _from_artifact(g: _Gallery, a: ArtifactScores) -> BaseScores:
+    unknown = [x for x in a.image_ids if x not in g.img_pos] + [x for x in a.caption_ids if x not in g.cap_pos]
+    if unknown:
+        raise BaseScoresError(f"{g.name}: {len(unknown)} ids of the artifact are not in the gallery, e.g. "
+                              f"{unknown[:5]} (scored for another gallery?)")
+    if not np.isfinite(a.scores).all():
+        raise BaseScoresError(f"{g.name}: non-finite scores in the artifact's scores.npy")
+    mat = np.full(g.shape, np.nan)
+    rows = np.asarray([g.img_pos[x] for x in a.image_ids], np.int64)
+    cols = np.asarray([g.cap_pos[x] for x in a.caption_ids], np.int64)
+    mat[np.ix_(rows, cols)] = a.scores
+    return g.filled(mat, ("t2i", "i2t"))
+
+
+def _from_npy(g: _Gallery, raw: bytes) -> BaseScores:
+    n, t = g.shape
+    if not raw.startswith(b"\x93NUMPY"):
+        # np.load takes anything without the NumPy magic for a pickle, and would say "pickled data"
+        raise BaseScoresError(f"{g.name}: not a .npy file (no NumPy header; it starts with {raw[:8]!r}); "
+                              "save the (images × captions) matrix with numpy.save")
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError as e:
+        why = "it holds Python objects (dtype object), not numbers" if "pickle" in str(e) else str(e)
+        raise BaseScoresError(f"{g.name}: not a readable .npy matrix: {why}; save a float matrix with "
+                              "numpy.save") from None
+    if arr.ndim != 2 or arr.shape != (n, t):
+        raise BaseScoresError(f"{g.name}: has shape {arr.shape}, the gallery has {n} images × {t} captions "
+                              "(rows/columns in the order of the index's images.parquet / captions.parquet)")
+    if arr.dtype.kind not in "fiu":
+        raise BaseScoresError(f"{g.name}: expected numbers, got dtype {arr.dtype}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise BaseScoresError(f"{g.name}: non-finite value {arr[r, c]} at [{r}, {c}] "
+                              f"(image {g.image_ids[r]!r}, caption {g.caption_ids[c]!r}); {int(bad.sum())} in all")
+    return BaseScores(matrix=arr.astype(np.float64), directions=("t2i", "i2t"))
+
+
+def _from_pairs(g: _Gallery, table: pa.Table) -> BaseScores:
+    """Parquet ``image_id, caption_id, score``: one row per pair (both directions)."""
+    t = g.shape[1]
+    ii = g.positions([str(x) for x in table.column("image_id").to_pylist()], g.img_pos, "image_id")
+    cc = g.positions([str(x) for x in table.column("caption_id").to_pylist()], g.cap_pos, "caption_id")
+    vals = np.asarray(table.column("score").to_numpy(zero_copy_only=False), np.float64)
+    g.finite(vals, np.arange(len(vals)))
+    key = ii * t + cc
+    uniq, first, cnt = np.unique(key, return_index=True, return_counts=True)
+    if (cnt > 1).any():
+        d = int(uniq[cnt > 1][0])
+        raise BaseScoresError(f"{g.name}: duplicate pair image_id={g.image_ids[d // t]!r}, "
+                              f"caption_id={g.caption_ids[d % t]!r} ({int((cnt > 1).sum())} duplicated pairs)")
+    mat = np.full(g.shape, np.nan)
+    mat[ii, cc] = vals
+    return g.filled(mat, ("t2i", "i2t"))
+
+
+def _topk_directions(g: _Gallery, table: pa.Table, q: list[str]) -> list[str]:
+    """Each row's direction: the ``direction`` column, else what the query ids are (caption or image ids)."""
+    if "direction" in table.column_names:
+        dirs = [str(x) for x in table.column("direction").to_pylist()]
+        bad_dir = sorted(set(dirs) - {"t2i", "i2t"})
+        if bad_dir:
+            raise BaseScoresError(f"{g.name}: direction must be 't2i' or 'i2t', got {bad_dir[:3]}")
+        return dirs
+    in_cap = all(x in g.cap_pos for x in q)
+    in_img = all(x in g.img_pos for x in q)
+    if in_cap == in_img:
+        raise BaseScoresError(f"{g.name}: cannot tell the direction of the query ids (they are "
+                              f"{'both' if in_cap else 'neither'} all caption ids {'and' if in_cap else 'nor'} "
+                              "all image ids); add a 'direction' column ('t2i' or 'i2t')")
+    return ["t2i" if in_cap else "i2t"] * len(q)
+
+
+def _from_topk(g: _Gallery, table: pa.Table) -> BaseScores:
+    """Parquet ``query_id, candidate_ids, scores`` (lists; optional ``direction``): per-query top-k lists."""
+    q = [str(x) for x in table.column("query_id").to_pylist()]
+    cands = table.column("candidate_ids").to_pylist()
+    scores = table.column("scores").to_pylist()
+    dirs = _topk_directions(g, table, q)
+    mat = np.full(g.shape, np.nan)
+    seen: set[tuple[str, str]] = set()
+    for r, (qid, d, cs, ss) in enumerate(zip(q, dirs, cands, scores, strict=True)):
+        if (d, qid) in seen:
+            raise BaseScoresError(f"{g.name}: duplicate query_id {qid!r} ({d}) in row {r}")
+        seen.add((d, qid))
+        cs, ss = [str(x) for x in (cs or [])], np.asarray(ss or [], np.float64)
+        if len(cs) != len(ss):
+            raise BaseScoresError(f"{g.name}: row {r} (query {qid!r}) has {len(cs)} candidate_ids and "
+                                  f"{len(ss)} scores")
+        if len(set(cs)) != len(cs):
+            raise BaseScoresError(f"{g.name}: row {r} (query {qid!r}) lists a candidate twice")
+        g.finite(ss, np.full(len(ss), r))
+        if d == "t2i":
+            c = g.positions([qid], g.cap_pos, "caption_id (query)")[0]
+            mat[g.positions(cs, g.img_pos, "image_id"), c] = ss
         else:
-            in_cap = all(x in cap_pos for x in q)
-            in_img = all(x in img_pos for x in q)
-            if in_cap == in_img:
-                raise BaseScoresError(f"{name}: cannot tell the direction of the query ids (they are "
-                                      f"{'both' if in_cap else 'neither'} all caption ids {'and' if in_cap else 'nor'} "
-                                      "all image ids); add a 'direction' column ('t2i' or 'i2t')")
-            dirs = ["t2i" if in_cap else "i2t"] * len(q)
-        seen: set[tuple[str, str]] = set()
-        for r, (qid, d, cs, ss) in enumerate(zip(q, dirs, cands, scores, strict=True)):
-            if (d, qid) in seen:
-                raise BaseScoresError(f"{name}: duplicate query_id {qid!r} ({d}) in row {r}")
-            seen.add((d, qid))
-            cs, ss = [str(x) for x in (cs or [])], np.asarray(ss or [], np.float64)
-            if len(cs) != len(ss):
-                raise BaseScoresError(f"{name}: row {r} (query {qid!r}) has {len(cs)} candidate_ids and "
-                                      f"{len(ss)} scores")
-            if len(set(cs)) != len(cs):
-                raise BaseScoresError(f"{name}: row {r} (query {qid!r}) lists a candidate twice")
-            finite(ss, np.full(len(ss), r))
-            if d == "t2i":
-                c = positions([qid], cap_pos, "caption_id (query)")[0]
-                mat[positions(cs, img_pos, "image_id"), c] = ss
-            else:
-                i = positions([qid], img_pos, "image_id (query)")[0]
-                mat[i, positions(cs, cap_pos, "caption_id")] = ss
-        directions = tuple(d for d in ("t2i", "i2t") if d in set(dirs))
-    else:
-        raise BaseScoresError(f"{name}: Parquet columns {sorted(cols)} are neither (image_id, caption_id, score) "
-                              "nor (query_id, candidate_ids, scores)")
-    given = np.isfinite(mat)
-    if not given.any():
-        raise BaseScoresError(f"{name}: has no scores")
-    fill = fill_score(float(mat[given].min()))
-    missing = int((~given).sum())
-    mat[~given] = fill
-    return BaseScores(matrix=mat, directions=directions, missing=missing)
+            i = g.positions([qid], g.img_pos, "image_id (query)")[0]
+            mat[i, g.positions(cs, g.cap_pos, "caption_id")] = ss
+    return g.filled(mat, tuple(d for d in ("t2i", "i2t") if d in set(dirs)))
 
 
 def _reranked_lists(order: GalleryOrder, base: np.ndarray, mask: np.ndarray, k: int, alpha: float,
@@ -260,7 +285,6 @@ def rerank_index(cfg: MaskConfig, store: Store, rel: str, dense: np.ndarray | No
     Returns:
         ``{"uri", "reused", "before", "after", "rows" (Table 2 layout), "directions", "missing"}``.
     """
-
     rc = cfg.rerank
     path = rc.base_scores
     art = base_scores_artifact(path, cfg.storage.options, store)
@@ -320,7 +344,6 @@ def read_base_scores_artifact(store: Store, rel: str) -> ArtifactScores:
         ArtifactNotFound: nothing committed at ``rel``.
         BaseScoresError: the matrix and the ids disagree.
     """
-
     ids = json.loads(store.read_file(rel, IDS_FILE))
     scores = np.load(io.BytesIO(store.read_file(rel, SCORES_FILE)), allow_pickle=False)
     shape = (len(ids["image_ids"]), len(ids["caption_ids"]))

@@ -111,7 +111,6 @@ def ensure_detector(ctx: JobContext, calib_uris: list[str]) -> str | None:
     of the training images; the result is committed under ``detectors/<hash>/`` so every actor and
     every later run (gallery, re-index) uses the very same network.
     """
-
     det = ctx.cfg.detector
     if det.weights:
         return None
@@ -184,7 +183,6 @@ def vocabulary(cfg: MaskConfig, regions: pa.Table, kv) -> dict[str, Any]:
     Raises:
         ValueError: the vectors' size differs from ``model.word_dim``.
     """
-
     if int(kv.vector_size) != cfg.model.word_dim:
         raise ValueError(f"vectors.source {cfg.vectors.source}: vectors have {kv.vector_size} dimensions, "
                          f"model.word_dim is {cfg.model.word_dim}")
@@ -286,7 +284,6 @@ def resolve_and_load_knowledge(cfg: MaskConfig, store: Store, ref: str | None) -
     Raises:
         KnowledgeError / KnowledgeNotFound: the reference names no committed knowledge (named).
     """
-
     if ref is None:
         own = f"knowledge/{knowledge_version(cfg)}"
         if store.manifest(own) is not None:

@@ -203,7 +203,6 @@ def train_step(model: torch.nn.Module, inner: TrainModule, opt: torch.optim.Opti
         NonFiniteLoss: a term is NaN/inf here (or on another worker, through ``sync_finite``);
             no update is applied.
     """
-
     b = {**b, "word_vectors": word_vectors}
     out = model(b["features"], b["mask"])
     terms = mask_loss(out, b, prototypes=inner.prototypes.weight, **weights)
@@ -408,7 +407,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-
     cfg = MaskConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -480,51 +478,70 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if client is not None and step % log_every == 0:
                 client.log_batch(run_id, metrics=_metrics({f"step.{k}": v for k, v in values.items()}, step))
         if failure is not None:
-            # every rank broke out at the same step (sync_finite); hand the driver the rank's own
-            # NonFiniteLoss (not one that only heard of it), do not retry
-            failures: list[Any] = [failure]
-            if dist:
-                failures = [None] * world
-                torch.distributed.all_gather_object(failures, failure)
-            real = next((f for f in failures if f.term != ELSEWHERE.term), failures[0])
-            return {"nonfinite": real, "step": step + 1, "epoch": epoch}
+            # every rank broke out at the same step (sync_finite); do not retry
+            return {"nonfinite": _own_failure(failure, dist, world), "step": step + 1, "epoch": epoch}
         secs = time.perf_counter() - t0
-        keys = sorted(sums)
-        totals = torch.tensor([float(n_pairs), float(n_batches), time.process_time() - c0,
-                               *[sums[k] for k in keys]], dtype=torch.float64)
-        if dist:
-            totals = totals.to(device)
-            torch.distributed.all_reduce(totals)
-            totals = totals.cpu()
-        all_pairs, all_batches = float(totals[0]), max(float(totals[1]), 1.0)
-        metrics: dict[str, Any] = {f"epoch.{k}": float(totals[3 + i]) / all_batches for i, k in enumerate(keys)}
+        metrics = _epoch_metrics(sums, n_pairs, n_batches, time.process_time() - c0, secs, dist, device)
         metrics.update(epoch_shares(metrics, weights))
-        # throughput of the whole run: pairs of all workers over this worker's wall time of the epoch
-        metrics.update({"epoch": epoch, "step": step, "pairs_per_s": all_pairs / max(secs, 1e-9),
-                        "epoch_seconds": secs, "epoch_pairs": all_pairs, "epoch_cpu_seconds": float(totals[2]),
-                        "resumes": resumes, "start_epoch": start_epoch, "threads": threads, "world_size": world})
+        metrics.update({"epoch": epoch, "step": step, "resumes": resumes, "start_epoch": start_epoch,
+                        "threads": threads, "world_size": world})
         last_metrics = metrics
         if client is not None:
             client.log_batch(run_id, metrics=_metrics(
                 {k: v for k, v in metrics.items() if k.startswith("epoch") and k != "epoch" or k == "pairs_per_s"},
                 epoch))
         last = epoch == cfg.train.epochs - 1
-        if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
-            rng = [torch.get_rng_state()]
-            if dist:
-                rng = [None] * world
-                torch.distributed.all_gather_object(rng, torch.get_rng_state())
-            with tempfile.TemporaryDirectory() as d:
-                checkpoint = None
-                if rank == 0:
-                    losses = {k: v for k, v in metrics.items() if k.startswith("epoch.")}
-                    save_checkpoint(inner, opt, {"epoch": epoch, "step": step, "resumes": resumes,
-                                                 "world_size": world, "metrics": losses}, rng, d)
-                    checkpoint = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=checkpoint)
-        else:
-            ray.train.report(metrics)
+        _report_epoch(metrics, inner, opt, rank, world, dist,
+                      checkpoint=last or (epoch + 1) % cfg.train.checkpoint_every == 0)
     return last_metrics
+
+
+def _own_failure(failure: NonFiniteLoss, dist: bool, world: int) -> NonFiniteLoss:
+    """The NonFiniteLoss of a rank whose own loss was non-finite (not one that only heard of it)."""
+    failures: list[Any] = [failure]
+    if dist:
+        failures = [None] * world
+        torch.distributed.all_gather_object(failures, failure)
+    return next((f for f in failures if f.term != ELSEWHERE.term), failures[0])
+
+
+def _epoch_metrics(sums: dict[str, float], n_pairs: int, n_batches: int, cpu_s: float, secs: float, dist: bool,
+                   device) -> dict[str, Any]:
+    """Mean loss terms over every worker's batches (``epoch.<term>``) and the whole run's throughput."""
+    keys = sorted(sums)
+    totals = torch.tensor([float(n_pairs), float(n_batches), cpu_s, *[sums[k] for k in keys]], dtype=torch.float64)
+    if dist:
+        totals = totals.to(device)
+        torch.distributed.all_reduce(totals)
+        totals = totals.cpu()
+    all_pairs, all_batches = float(totals[0]), max(float(totals[1]), 1.0)
+    metrics: dict[str, Any] = {f"epoch.{k}": float(totals[3 + i]) / all_batches for i, k in enumerate(keys)}
+    # throughput of the whole run: pairs of all workers over this worker's wall time of the epoch
+    metrics.update({"pairs_per_s": all_pairs / max(secs, 1e-9), "epoch_seconds": secs, "epoch_pairs": all_pairs,
+                    "epoch_cpu_seconds": float(totals[2])})
+    return metrics
+
+
+def _report_epoch(metrics: dict[str, Any], inner: TrainModule, opt: torch.optim.Optimizer, rank: int, world: int,
+                  dist: bool, checkpoint: bool) -> None:
+    """``ray.train.report`` the epoch, with a checkpoint (rank 0 writes it; every rank's RNG state) when due."""
+    import ray.train
+
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    rng = [torch.get_rng_state()]
+    if dist:
+        rng = [None] * world
+        torch.distributed.all_gather_object(rng, torch.get_rng_state())
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if rank == 0:
+            losses = {k: v for k, v in metrics.items() if k.startswith("epoch.")}
+            save_checkpoint(inner, opt, {"epoch": metrics["epoch"], "step": metrics["step"],
+                                         "resumes": metrics["resumes"], "world_size": world, "metrics": losses}, rng, d)
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt)
 
 
 def _metrics(values: dict[str, float], step: int) -> list:

@@ -177,6 +177,66 @@ def _write_state(store: Store, name: str, state: dict[str, Any]) -> None:
     store.write_json(f"sweeps/{name}/{STATE_FILE}", state)
 
 
+def _grid_m(cfg: MaskConfig, spec: SweepSpec, info: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """The grid's m values (clipped to the knowledge size; only ``knowledge.m`` when the OOD method ignores m)."""
+    m_grid, clipped = clip_m(spec.grid.m, int(info["vocabulary"]))
+    if cfg.knowledge.ood_method != "topm" and len(m_grid) > 1:
+        logger.warning("knowledge.ood_method=%s does not use m: the grid keeps m=%d only",
+                       cfg.knowledge.ood_method, cfg.knowledge.m)
+        m_grid = [cfg.knowledge.m]
+    if clipped:
+        logger.warning("grid: m=%s exceed the knowledge size (%d words) and are clipped to it; grid m = %s",
+                       clipped, info["vocabulary"], m_grid)
+    return m_grid, clipped
+
+
+def _log_parent_params(run, cfg: MaskConfig, spec: SweepSpec, info: dict[str, Any], extra: dict[str, Any],
+                       epochs: int, space_text: str) -> None:
+    """The parent run's params (once per sweep): space, grid, Tune settings, split sizes, the base config."""
+    run.log_params({**extra, **_space_params(spec), "tune.metric": SCORE, "tune.mode": "max",
+                    "tune.epochs": epochs, "scheduler.max_t": epochs,
+                    "validation.images": info["counts"]["val"]["images"],
+                    "test.images": info["counts"]["test"]["images"]})
+    run.log_params({f"base.{k}": v for k, v in cfg.flat().items()})
+    run.log_text(space_text or yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)), "space.yaml")
+
+
+def _new_tuner(trainable, spec: SweepSpec, epochs: int, storage_path: str, fs, callbacks: list):
+    """A new Tune experiment ``<storage_path>/tune``: ASHA (or FIFO) on the validation score, seeded samples."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    return tune.Tuner(
+        trainable, param_space=_param_space(spec),
+        tune_config=tune.TuneConfig(metric=SCORE, mode="max", scheduler=make_scheduler(spec, epochs),
+                                    num_samples=spec.trials.num_samples,
+                                    max_concurrent_trials=spec.trials.max_concurrent,
+                                    search_alg=BasicVariantGenerator(random_state=spec.trials.seed),
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=fs,
+                                  callbacks=callbacks,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  failure_config=tune.FailureConfig(max_failures=spec.trials.max_failures),
+                                  verbose=0))
+
+
+def _record_summary(store: Store, name: str, state: dict[str, Any], summary: dict[str, Any], run) -> None:
+    """Add the experiment and MLflow ids to the summary and keep it in ``sweep.json``: as final when every
+    trial finished, else as the last one (a rerun restores the experiment and retries the failed trials)."""
+    summary["experiment"] = store.uri("sweeps", name, "tune")
+    summary["mlflow"] = {"tracking_uri": getattr(run, "tracking_uri", None), "parent_run_id": run.run_id}
+    run.log_metrics({"sweep_seconds": summary["seconds"]})
+    failed = [t["trial_id"] for t in summary["trials"] if t["error"]]
+    if failed:
+        # not final: a rerun restores the experiment and retries these trials from their checkpoints
+        logger.warning("sweep %s: %d trial(s) failed (%s); the best of the others is reported. Rerun the same "
+                       "command (or --resume) to retry them from their last checkpoints", name, len(failed), failed)
+        state["last_summary"] = summary
+    else:
+        state["summary"] = summary
+    _write_state(store, name, state)
+
+
 def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: str | None = None,
               resume: bool = False) -> dict[str, Any]:
     """Run (or continue) a sweep; see the module docstring.
@@ -197,7 +257,6 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
         SweepError: ``resume`` with nothing to resume, no gallery, or no trial with a score.
     """
     from ray import tune
-    from ray.tune.search import BasicVariantGenerator
 
     name = name or sweep_name(cfg, spec)
     # trials run in their own working directories: give them the absolute root
@@ -234,26 +293,14 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
     try:
         inputs_rel = f"sweeps/{name}/inputs"
         info = prepare_inputs(ctx, spec, inputs_rel, run)
-        m_grid, clipped = clip_m(spec.grid.m, int(info["vocabulary"]))
-        if cfg.knowledge.ood_method != "topm" and len(m_grid) > 1:
-            logger.warning("knowledge.ood_method=%s does not use m: the grid keeps m=%d only",
-                           cfg.knowledge.ood_method, cfg.knowledge.m)
-            m_grid = [cfg.knowledge.m]
-        if clipped:
-            logger.warning("grid: m=%s exceed the knowledge size (%d words) and are clipped to it; grid m = %s",
-                           clipped, info["vocabulary"], m_grid)
+        m_grid, clipped = _grid_m(cfg, spec, info)
         if info["base"]["kind"] != "file":
             logger.warning("no rerank.base_scores: the base model re-ranked in the grid is the %s", DEMO_BASE)
         extra = {"rerank.base_model": info["base"]["description"], "grid.m": m_grid, "grid.m_requested": spec.grid.m,
                  "grid.m_clipped": clipped, "grid.alpha": spec.grid.alpha, "grid.k": spec.grid.k,
                  "tune.sweep": name}
         if not state.get("params_logged"):
-            run.log_params({**extra, **_space_params(spec), "tune.metric": SCORE, "tune.mode": "max",
-                            "tune.epochs": epochs, "scheduler.max_t": epochs,
-                            "validation.images": info["counts"]["val"]["images"],
-                            "test.images": info["counts"]["test"]["images"]})
-            run.log_params({f"base.{k}": v for k, v in cfg.flat().items()})
-            run.log_text(space_text or yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)), "space.yaml")
+            _log_parent_params(run, cfg, spec, info, extra, epochs, space_text)
             state["params_logged"] = True
             _write_state(store, name, state)
         setup = TrialSetup(cfg=cfg.model_dump(mode="json"), inputs_rel=inputs_rel, epochs=epochs,
@@ -267,37 +314,14 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=_param_space(spec), storage_filesystem=fs)
         else:
-            callbacks = []
-            if run.run_id is not None:
-                callbacks.append(MlflowTrialRuns(cfg, run.run_id, exp_id, name, extra, epochs))
-            tuner = tune.Tuner(
-                trainable, param_space=_param_space(spec),
-                tune_config=tune.TuneConfig(metric=SCORE, mode="max", scheduler=make_scheduler(spec, epochs), num_samples=spec.trials.num_samples,
-                                            max_concurrent_trials=spec.trials.max_concurrent,
-                                            search_alg=BasicVariantGenerator(random_state=spec.trials.seed),
-                                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
-                run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=fs,
-                                          callbacks=callbacks,
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                          failure_config=tune.FailureConfig(max_failures=spec.trials.max_failures),
-                                          verbose=0))
+            callbacks = [MlflowTrialRuns(cfg, run.run_id, exp_id, name, extra, epochs)] if run.run_id is not None else []
+            tuner = _new_tuner(trainable, spec, epochs, storage_path, fs, callbacks)
         # a snapshot per checkpoint is what makes a restore lose nothing; Tune warns about it otherwise
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         results = tuner.fit()
         summary = finalize(ctx, spec, name, results, info, setup, run, epochs)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
-        summary["experiment"] = store.uri("sweeps", name, "tune")
-        summary["mlflow"] = {"tracking_uri": getattr(run, "tracking_uri", None), "parent_run_id": run.run_id}
-        run.log_metrics({"sweep_seconds": summary["seconds"]})
-        failed = [t["trial_id"] for t in summary["trials"] if t["error"]]
-        if failed:
-            # not final: a rerun restores the experiment and retries these trials from their checkpoints
-            logger.warning("sweep %s: %d trial(s) failed (%s); the best of the others is reported. Rerun the same "
-                           "command (or --resume) to retry them from their last checkpoints", name, len(failed), failed)
-            state["last_summary"] = summary
-        else:
-            state["summary"] = summary
-        _write_state(store, name, state)
+        _record_summary(store, name, state, summary, run)
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from mask.pipeline.identity import features_rel
 from mask.pipeline.index import npy_bytes, parquet_bytes
 from mask.pipeline.rerank import base_scores_artifact, load_base_scores
 from mask.pipeline.runtime import JobContext
-from mask.pipeline.steps import ensure_dataset, prepare_training_inputs
+from mask.pipeline.steps import ensure_dataset, prepare_training_inputs, require_gallery
 from mask.pipeline.tune_trial import INPUTS_KIND, read_inputs
 from mask.storage import StorageError, Store, fingerprint, fingerprint_files
 from mask.sweep import SweepError, SweepSpec
@@ -85,6 +85,37 @@ def inputs_hash(cfg: MaskConfig, spec: SweepSpec, store: Store) -> str:
     return fingerprint(ident)[:16]
 
 
+def _base_scores(cfg: MaskConfig, store: Store, image_ids: list[str],
+                 caption_ids: list[str]) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """``rerank.base_scores`` in the gallery order and what it is (None: the demo base, a mean-pooling ablation)."""
+    if not cfg.rerank.base_scores:
+        return None, {"kind": "demo-mean-pooling", "description": DEMO_BASE}
+    bs = load_base_scores(cfg.rerank.base_scores, image_ids, caption_ids, cfg.storage.options,
+                          artifact=_base_artifact(cfg, store))
+    if len(bs.directions) < 2:
+        logger.warning("rerank.base_scores %s gives only %s lists; the other direction is re-ranked from "
+                       "fill scores", cfg.rerank.base_scores, bs.directions)
+    return bs.matrix, {"kind": "file", "description": f"rerank.base_scores {cfg.rerank.base_scores}",
+                       "directions": list(bs.directions), "missing": int(bs.missing)}
+
+
+def _split_files(files: dict[str, bytes], split: str, rows: list[int], image_ids: list[str], caps: pa.Table,
+                 texts: list[str], c2i: np.ndarray, base: np.ndarray | None) -> dict[str, int]:
+    """A split's images, captions (position within the split) and base scores into ``files``; its counts."""
+    pos = {r: i for i, r in enumerate(rows)}
+    cols = [j for j in range(len(texts)) if int(c2i[j]) in pos]
+    files[f"{split}_images.parquet"] = parquet_bytes(pa.table({"image_id": pa.array([image_ids[r] for r in rows],
+                                                                                 pa.string())}))
+    files[f"{split}_captions.parquet"] = parquet_bytes(pa.table({
+        "caption_id": pa.array([caps.column("caption_id")[j].as_py() for j in cols], pa.string()),
+        "image_id": pa.array([image_ids[int(c2i[j])] for j in cols], pa.string()),
+        "image_position": pa.array([pos[int(c2i[j])] for j in cols], pa.int64()),
+        "text": pa.array([texts[j] for j in cols], pa.string())}))
+    if base is not None and rows:
+        files[f"{split}_base.npy"] = npy_bytes(base[np.ix_(rows, cols)].astype(np.float64))
+    return {"images": len(rows), "captions": len(cols)}
+
+
 def prepare_inputs(ctx: JobContext, spec: SweepSpec, rel: str, run) -> dict[str, Any]:
     """Everything trials read, computed once: features (training + gallery), vocabulary, the
     validation / test split, parsed caption words and vectors, base scores; committed at ``rel``.
@@ -92,7 +123,6 @@ def prepare_inputs(ctx: JobContext, spec: SweepSpec, rel: str, run) -> dict[str,
     Returns:
         The ``inputs.json`` of the committed artifact (reused when already committed).
     """
-
     cfg, store = ctx.cfg, ctx.store
     h = inputs_hash(cfg, spec, store)
     if store.committed(rel, h) is not None:
@@ -101,9 +131,7 @@ def prepare_inputs(ctx: JobContext, spec: SweepSpec, rel: str, run) -> dict[str,
     if store.manifest(rel) is not None:
         raise SweepError(f"sweep inputs {store.uri(rel)} were built from another dataset/gallery/detector/validation "
                          "config; pass another --name")
-    if cfg.gallery is None:
-        raise SweepError("the config names no gallery: a sweep scores its validation part "
-                         "(set gallery.name / gallery.kind / gallery.path)")
+    require_gallery(cfg, SweepError)  # a sweep scores the gallery's validation part
     t0 = time.perf_counter()
     tin = prepare_training_inputs(ctx, run)
     gal = ensure_dataset(ctx, cfg.gallery, run.run_id)
@@ -124,32 +152,10 @@ def prepare_inputs(ctx: JobContext, spec: SweepSpec, rel: str, run) -> dict[str,
     cap_vocab = sorted({w for ws in parsed for w in ws})
     vecs, found = vectors_for(tin.kv, cap_vocab)
     files: dict[str, bytes] = {}
-    base_info: dict[str, Any] = {"kind": "demo-mean-pooling", "description": DEMO_BASE}
-    base = None
-    if cfg.rerank.base_scores:
-        caption_ids = caps.column("caption_id").to_pylist()
-        bs = load_base_scores(cfg.rerank.base_scores, image_ids, caption_ids, cfg.storage.options,
-                              artifact=_base_artifact(cfg, store))
-        base = bs.matrix
-        base_info = {"kind": "file", "description": f"rerank.base_scores {cfg.rerank.base_scores}",
-                     "directions": list(bs.directions), "missing": int(bs.missing)}
-        if len(bs.directions) < 2:
-            logger.warning("rerank.base_scores %s gives only %s lists; the other direction is re-ranked from "
-                           "fill scores", cfg.rerank.base_scores, bs.directions)
+    base, base_info = _base_scores(cfg, store, image_ids, caps.column("caption_id").to_pylist())
     counts = {}
     for split, rows in (("val", val), ("test", test)):
-        pos = {r: i for i, r in enumerate(rows)}
-        cols = [j for j in range(len(texts)) if int(c2i[j]) in pos]
-        files[f"{split}_images.parquet"] = parquet_bytes(pa.table({"image_id": pa.array([image_ids[r] for r in rows],
-                                                                                     pa.string())}))
-        files[f"{split}_captions.parquet"] = parquet_bytes(pa.table({
-            "caption_id": pa.array([caps.column("caption_id")[j].as_py() for j in cols], pa.string()),
-            "image_id": pa.array([image_ids[int(c2i[j])] for j in cols], pa.string()),
-            "image_position": pa.array([pos[int(c2i[j])] for j in cols], pa.int64()),
-            "text": pa.array([texts[j] for j in cols], pa.string())}))
-        if base is not None and rows:
-            files[f"{split}_base.npy"] = npy_bytes(base[np.ix_(rows, cols)].astype(np.float64))
-        counts[split] = {"images": len(rows), "captions": len(cols)}
+        counts[split] = _split_files(files, split, rows, image_ids, caps, texts, c2i, base)
     vocab = tin.vocab
     files["vocabulary.parquet"] = parquet_bytes(pa.table({
         "word": pa.array(vocab["words"], pa.string()),

@@ -41,7 +41,6 @@ class MlflowTrialRuns(Callback):
       ``best.alpha`` / ``best.k``, status FINISHED (tag ``tune.stopped_early`` when ASHA stopped it) or
       FAILED with the error.
     """
-
     def __init__(self, cfg: MaskConfig, parent_run_id: str, experiment_id: str, sweep: str,
                  extra_params: dict[str, Any], epochs: int):
         self.cfg_json = cfg.model_dump(mode="json")

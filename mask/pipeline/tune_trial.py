@@ -80,7 +80,6 @@ class TrialSetup:
         cpus, gpus: resources per trial (torch threads follow ``cpus``).
         fault: the driver's ``MASK_FAULT_INJECT`` (tests only; see :func:`_fault_after_report`).
     """
-
     cfg: dict[str, Any]
     inputs_rel: str
     epochs: int
@@ -138,7 +137,6 @@ class EvalGallery:
         parser, kv: the driver's parse and the caption words' vectors.
         base: (N, T) base-model scores, or None (the demo base: MASK with global mean pooling).
     """
-
     features: dict[str, np.ndarray]
     image_ids: list[str]
     texts: list[str]
@@ -240,7 +238,6 @@ def train_epoch(module, opt: torch.optim.Optimizer, rows: dict[str, np.ndarray],
         ``({"loss", "loss_ir", …, "share_rec", …}: means over the epoch's batches and each weighted
         term's share of the total (:func:`mask.losses.loss_shares`), the step count after it)``.
     """
-
     module.train()
     n = len(rows["num_pairs"])
     per = images_per_batch(cfg.train, epoch, pairs_per_image, 1)
@@ -309,7 +306,6 @@ def evaluate_grid(cfg: MaskConfig, table, mu: np.ndarray, mask: np.ndarray, gall
         ``{"mask": {m: metrics}, "base": metrics, "rerank": {(m, α, k): metrics}}`` (metrics as
         :func:`mask.metrics.recall_at_k`).
     """
-
     sc = cfg.scoring
     c2i = gallery.caption_to_image
     out: dict[str, Any] = {"mask": {}, "rerank": {}, "base": None}

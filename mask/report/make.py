@@ -45,7 +45,6 @@ def make_report(cfg, experiments: list[str] | None = None, run_ids: list[str] | 
         ReportError: tracking disabled, no store, unknown experiment or run id, no finished runs, a bad
             groups file.
     """
-
     if not cfg.tracking.enabled:
         raise ReportError("tracking.enabled is false: the report reads MLflow runs; enable tracking")
     if not experiments and not run_ids:
