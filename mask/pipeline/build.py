@@ -77,7 +77,7 @@ def ensure_detector(ctx: JobContext, calib_uris: list[str]) -> str | None:
     from mask.pipeline.extract import DETECTOR_FILE, extractor_name
 
     det = ctx.cfg.detector
-    if det.weights:
+    if det.weights or det.backend == "efficientnet_lite0":  # each actor loads the package's (or given) weights
         return None
     base = det.model_copy(update={"mode": "fixed"})
     rel = f"detectors/{extractor_name(base)}"
