@@ -109,7 +109,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "white": ("ivory", "snowy"), "black": ("ebony",), "pink": ("magenta", "rosy"), "brown": ("chocolate", "tan"),
     "gray": ("grey", "silver"), "cyan": ("turquoise", "teal"),
     "large": ("big", "huge", "giant"), "small": ("tiny", "little", "mini"), "medium": ("moderate", "average"),
-    "striped": ("banded", "stripy"), "dotted": ("spotted", "speckled"), "plain": ("solid", "simple"),
+    "striped": ("banded", "stripes"), "dotted": ("spotted", "speckled"), "plain": ("solid", "simple"),
     "checkered": ("checked", "plaid"), "wavy": ("curvy", "rippled"), "zigzag": ("jagged",),
     "sky": ("heavens",), "grass": ("lawn", "turf"), "sand": ("beach",), "water": ("sea", "lake"),
     "road": ("street", "highway"), "floor": ("carpet",), "snow": ("snowfall",), "wall": ("walls",),

@@ -137,25 +137,26 @@ def load_lite0_weights(model: nn.Module, source: str | Path | dict[str, Tensor])
             raise PretrainedWeightsError(f"{name}: expected a state dict, found {type(sd).__name__}")
     target = model.state_dict()
     src_keys, dst_keys = list(sd), list(target)
-    if len(src_keys) != len(dst_keys):
-        missing = dst_keys[len(src_keys):] if len(src_keys) < len(dst_keys) else []
-        extra = src_keys[len(dst_keys):] if len(src_keys) > len(dst_keys) else []
-        raise PretrainedWeightsError(
-            f"{name}: {len(src_keys)} tensors for a network of {len(dst_keys)}"
-            + (f"; missing for {missing[:3]}" if missing else "") + (f"; unexpected {extra[:3]}" if extra else ""))
     mapped = {}
-    for s, d in zip(src_keys, dst_keys, strict=True):
+    for s, d in zip(src_keys, dst_keys, strict=False):  # pairs in order; the first that disagrees is named
         t = sd[s]
         if not isinstance(t, Tensor):
             raise PretrainedWeightsError(f"{name}: key {s!r} is not a tensor ({type(t).__name__})")
         if _kind(s) != _kind(d):
-            raise PretrainedWeightsError(f"{name}: key {s!r} does not match the network's {d!r} (kind differs)")
+            raise PretrainedWeightsError(f"{name}: key {s!r} does not match the network's {d!r} (kind differs; "
+                                         "a key is missing or extra before it)")
         if tuple(t.shape) != tuple(target[d].shape):
             raise PretrainedWeightsError(f"{name}: key {s!r} has shape {tuple(t.shape)}, the network's {d!r} "
                                          f"needs {tuple(target[d].shape)}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PretrainedWeightsError(f"{name}: key {s!r} holds non-finite values")
         mapped[d] = t
+    if len(src_keys) < len(dst_keys):
+        raise PretrainedWeightsError(f"{name}: {len(src_keys)} tensors for a network of {len(dst_keys)}; "
+                                     f"missing key(s) for {dst_keys[len(src_keys):][:3]}")
+    if len(src_keys) > len(dst_keys):
+        raise PretrainedWeightsError(f"{name}: {len(src_keys)} tensors for a network of {len(dst_keys)}; "
+                                     f"unexpected key(s) {src_keys[len(dst_keys):][:3]}")
     res = model.load_state_dict(mapped, strict=True)
     if res.missing_keys or res.unexpected_keys:  # pragma: no cover - strict=True raises first
         raise PretrainedWeightsError(f"{name}: missing {res.missing_keys}, unexpected {res.unexpected_keys}")

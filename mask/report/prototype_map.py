@@ -47,14 +47,15 @@ GENERIC_GROUPS: dict[str, list[str]] = {
 
 
 def demo_groups() -> dict[str, list[str]]:
-    """The demo world's word lists (:mod:`mask.datasets.demo`), each with its caption synonyms."""
-    from mask.datasets.demo import COLOURS, OBJECT_ASPECT, SIZES, SYNONYMS, TEXTURES
+    """The demo world's word lists (:mod:`mask.datasets.demo`), each with its candidate caption synonyms."""
+    from mask.datasets.demo import COLOURS, OBJECT_ASPECT, PARTS, SCENERY, SIZES, SYNONYMS, TEXTURES
 
     def with_synonyms(ws: Sequence[str]) -> list[str]:
         return [x for w in ws for x in (w, *SYNONYMS.get(w, ()))]
 
     return {"objects": with_synonyms(list(OBJECT_ASPECT)), "colours": with_synonyms(list(COLOURS)),
-            "sizes": with_synonyms(SIZES), "textures": with_synonyms(TEXTURES)}
+            "sizes": with_synonyms(SIZES), "textures": with_synonyms(TEXTURES),
+            "parts": with_synonyms([p for p in PARTS if p not in OBJECT_ASPECT]), "scenery": with_synonyms(SCENERY)}
 
 
 def load_groups(path: str | Path) -> dict[str, list[str]]:
