@@ -35,13 +35,15 @@ from typing import Any
 
 import numpy as np
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 #: Rows beyond which :func:`empirical_w2` subsamples (the assignment is O(n³)).
 EXACT_MAX_POINTS = 2000
 
 
-class AlignmentInputError(ValueError):
+class AlignmentInputError(MaskError, ValueError):
     """Inputs to a gap measure of the wrong shape or with non-finite values; the message names them."""
 
 

@@ -19,8 +19,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mask.errors import MaskError
 
-class ConfigError(ValueError):
+
+class ConfigError(MaskError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 

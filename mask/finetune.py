@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 
-class FinetuneInputError(ValueError):
+class FinetuneInputError(MaskError, ValueError):
     """An input to the fine-tuning of the wrong shape or range; the message names it."""
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 OodMethod = Literal["topm", "procrustes", "none"]
@@ -33,7 +35,7 @@ NO_KEY = np.iinfo(np.uint64).max
 OOD_QUERY_CHUNK = 1024
 
 
-class KnowledgeError(ValueError):
+class KnowledgeError(MaskError, ValueError):
     """Invalid knowledge or OOD input, with the problem named."""
 
 

@@ -24,12 +24,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from mask.errors import MaskError
 from mask.storage import StorageError, Store
 
 logger = logging.getLogger(__name__)
 
 
-class LeaseBusy(RuntimeError):
+class LeaseBusy(MaskError, RuntimeError):
     """Another holder has the lease; the message says who and until when."""
 
     def __init__(self, message: str, holder: dict[str, Any] | None = None):
@@ -37,8 +38,12 @@ class LeaseBusy(RuntimeError):
         self.holder = holder or {}
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(MaskError, RuntimeError):
     """This holder's lease expired or was taken over; it must not publish."""
+
+    exit_code = 1  # not bad input: the run failed
+
+    exit_code = 1  # not bad input: the run failed
 
 
 @dataclass

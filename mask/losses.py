@@ -28,22 +28,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 _EPS = 1e-8
 
 
-class LossInputError(ValueError):
+class LossInputError(MaskError, ValueError):
     """A loss input of the wrong shape, dtype or range; the message names the input."""
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(MaskError, FloatingPointError):
     """A loss term is NaN or infinite.
 
     Attributes:
         term: the name of the first non-finite term.
         step: the training step given by the caller, or None.
     """
+
+    exit_code = 1  # not bad input: the run failed
 
     def __init__(self, term: str, value: str, step: int | None = None):
         self.term, self.step = term, step

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mask.errors import MaskError
 from mask.scoring import _as_numpy
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ KS = (1, 5, 10)
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
 
-class MetricsError(ValueError):
+class MetricsError(MaskError, ValueError):
     """Bad input to the metrics, with the input named."""
 
 

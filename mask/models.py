@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 # log σ² is clamped to this range before it is used (exp(20) ≈ 4.9e8 stays finite in float32).
@@ -54,11 +56,11 @@ PAE_FORMAT_VERSION = "1"
 _PAE_SIZE_KEYS = ("feature_dim", "latent_dim", "num_heads", "num_layers")
 
 
-class ModelInputError(ValueError):
+class ModelInputError(MaskError, ValueError):
     """A model input of the wrong shape or dtype; the message names the input."""
 
 
-class PAEFileError(ValueError):
+class PAEFileError(MaskError, ValueError):
     """A PAE weight file that cannot be loaded as asked; the message names the file and what differs."""
 
 

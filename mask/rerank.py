@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from mask.errors import MaskError
 from mask.scoring import _as_numpy, topk
 
 logger = logging.getLogger(__name__)
 
 
-class RerankError(ValueError):
+class RerankError(MaskError, ValueError):
     """Bad input to the re-ranker, with the input named."""
 
 

@@ -42,6 +42,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 Pooling = Literal["max-mean", "mean"]
@@ -53,7 +55,7 @@ DEFAULT_MAX_BLOCK_ELEMENTS = 1 << 24
 DEFAULT_VOCAB_BLOCK = 16384
 
 
-class ScoringError(ValueError):
+class ScoringError(MaskError, ValueError):
     """Bad input to the scorer (shape, dtype, NaN/inf, word index), with the input named."""
 
 

@@ -46,6 +46,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 #: Version of the manifest layout written by this module.
@@ -72,7 +74,7 @@ _CREDENTIAL_OPTION_KEYS = frozenset({
 })
 
 
-class StorageError(ValueError):
+class StorageError(MaskError, ValueError):
     """Bad URI, path traversal, damaged or inconsistent artifact; the message names the path."""
 
 

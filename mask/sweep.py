@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mask.config import MaskConfig
+from mask.errors import MaskError
 
 #: Training-level parameters a space may sample (each sample retrains).
 TUNABLE = ("loss.lambda_cm", "loss.lambda_cl", "loss.tau", "loss.kl_weight", "loss.dias_weight", "train.lr")
@@ -44,11 +45,11 @@ SCORE = "val_rsum"
 ALIASES = {"loss.lambda_cm": "loss.lambda1", "loss.lambda_cl": "loss.lambda2"}
 
 
-class SpaceError(ValueError):
+class SpaceError(MaskError, ValueError):
     """A search-space file that cannot be used; the message names the file and the key."""
 
 
-class SweepError(ValueError):
+class SweepError(MaskError, ValueError):
     """A sweep that cannot run or go on as asked; the message names what is missing."""
 
 

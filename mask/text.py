@@ -50,6 +50,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from mask.errors import MaskError
+
 if TYPE_CHECKING:
     from mask.config import TextConfig
 
@@ -87,7 +89,7 @@ _WORDNET_POS = {"NOUN": "n", "ADJ": "a", "VERB": "v", "ADV": "r"}
 _HYPHENS = re.compile(r"[-\u2010\u2011\u2012\u2013\u2014\u2212]")
 
 
-class TextError(ValueError):
+class TextError(MaskError, ValueError):
     """A caption that is not text, an unknown option, or a parser backend that cannot run."""
 
 

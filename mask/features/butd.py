@@ -42,6 +42,8 @@ from torch import Tensor, nn
 from torchvision.ops import nms, roi_pool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 # Bottleneck blocks per stage (res2, res3, res4, res5) for each supported depth (3·sum + 2 layers).
@@ -61,7 +63,7 @@ MIN_INPUT_SIDE = 32
 SCALE_CLAMP = math.log(1000.0 / 16)
 
 
-class BUTDConfigError(ValueError):
+class BUTDConfigError(MaskError, ValueError):
     """An architecture setting the network cannot be built with."""
 
 

@@ -31,12 +31,14 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 ANCHOR_KEY = "proposal_generator.anchor_generator.cell_anchors.0"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MaskError, ValueError):
     """A checkpoint that cannot be read (missing, corrupt, wrong container)."""
 
 

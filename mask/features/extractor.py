@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from mask.errors import MaskError
 from mask.features.butd import BUTDDetector, BUTDSpec, build_butd, caffe_cell_anchors, detectron2_cell_anchors
 from mask.features.checkpoint import load_butd_checkpoint, state_dict_bytes
 from mask.features.images import resize_for_detector
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class FeatureOverflow(ValueError):
+class FeatureOverflow(MaskError, ValueError):
     """Region features that are not finite in float16 (broken or uncalibrated weights)."""
 
 

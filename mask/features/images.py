@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 # BGR means of the caffe-converted BUTD R101 (fact sheet §1); the R152 (v2) model uses zeros.
@@ -51,7 +53,7 @@ CAFFE_PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)
 _PIL_GUARD_LOCK = threading.Lock()
 
 
-class ImageError(ValueError):
+class ImageError(MaskError, ValueError):
     """An input image that cannot be used.
 
     Attributes:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mask.errors import MaskError
 from mask.features.butd import nms_plus1
 
 logger = logging.getLogger(__name__)
@@ -170,5 +171,5 @@ def prepare_given_boxes(boxes: np.ndarray, image_size: tuple[int, int], *, sourc
     return kept_arr, np.array(kept_idx, np.int64), np.array(dropped, np.int64), reasons
 
 
-class BoxError(ValueError):
+class BoxError(MaskError, ValueError):
     """Given boxes that cannot be read as an (K, 4) array of numbers."""

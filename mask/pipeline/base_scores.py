@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from mask.config import ClipConfig, MaskConfig
+from mask.errors import MaskError
 from mask.storage import Store, fingerprint, fingerprint_files, parse_uri, redact_text
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "max_pixels"})
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
-class BaseScoresError(ValueError):
+class BaseScoresError(MaskError, ValueError):
     """A CLIP configuration or base-scores artifact that cannot be used; the message names it."""
 
 

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from mask import tracking
 from mask.config import MaskConfig
+from mask.errors import MaskError
 from mask.metrics import recall_at_k
 from mask.pipeline.index import (  # noqa: F401 - re-exported: the index's order, errors and files
     DENSE_FILE,
@@ -68,7 +69,7 @@ INDEX_FILES = ("images.parquet", "captions.parquet", "words.parquet", "t2i_topk.
 METRIC_COLUMNS = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "rsum"]
 
 
-class BaseScoresError(ValueError):
+class BaseScoresError(MaskError, ValueError):
     """Bad base-model scores for re-ranking; the message names the file and the problem."""
 
 

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mask.config import MaskConfig
+from mask.errors import MaskError
 from mask.faults import kill_point
 from mask.metrics import KEYS
 from mask.pipeline.runtime import JobContext
@@ -53,7 +54,7 @@ WORD_SCORES = "word_scores.npy"
 DENSE_FILE = "scores.npy"
 
 
-class GalleryError(ValueError):
+class GalleryError(MaskError, ValueError):
     """A gallery, index or knowledge that cannot be used; the message names it."""
 
 

@@ -24,12 +24,13 @@ import pyarrow as pa
 import torch
 
 from mask.config import MaskConfig
+from mask.errors import MaskError
 from mask.storage import Store
 
 logger = logging.getLogger(__name__)
 
 
-class QueryError(ValueError):
+class QueryError(MaskError, ValueError):
     """A query that cannot be answered (unknown image id, empty text), with the input named."""
 
 

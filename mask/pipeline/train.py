@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mask.config import MaskConfig, TrainConfig
+from mask.errors import MaskError
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,11 @@ MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE = "model.safetensors", "optimizer.p
 CHECKPOINT_FILES = (MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MaskError, ValueError):
     """A training checkpoint that cannot be read or does not match the model; the message names it."""
 
 
-class TrainingRunError(ValueError):
+class TrainingRunError(MaskError, ValueError):
     """A training run that cannot go on as configured (e.g. it already trained past ``train.epochs``)."""
 
 

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mask.errors import MaskError
+
 logger = logging.getLogger(__name__)
 
 #: The seven numbers of a paper table row, in the paper's column order (IR = t2i, IA = i2t).
@@ -45,7 +47,7 @@ _GRID_M = re.compile(rf"^grid\.m_(?P<m>[^.]+)\.(?P<metric>{_METRIC_RE})$")
 _GRID_A = re.compile(rf"^grid\.m_(?P<m>[^.]+)\.alpha_(?P<a>.+?)\.k_(?P<k>[^.]+)\.(?P<metric>{_METRIC_RE})$")
 
 
-class ReportError(ValueError):
+class ReportError(MaskError, ValueError):
     """A report request that cannot be served (unknown experiment or run, no store); names the input."""
 
 
