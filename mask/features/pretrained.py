@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mask.errors import MaskError
 from mask.features.postprocess import prepare_given_boxes
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ PROPOSAL_SCALES = (100, 300, 800)
 PROPOSAL_DUP_IOU = 0.8
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(MaskError, RuntimeError):
     """The pretrained weights file is missing, unreadable or does not fit the network."""
 
 
