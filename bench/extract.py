@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from mask.config import load_config
     from mask.datasets import generate_demo_world
-    from mask.pipeline.build import ensure_detector
     from mask.pipeline.extract import DETECTOR_FILE, run_extraction
     from mask.pipeline.runtime import JobContext
+    from mask.pipeline.steps import ensure_detector
 
     torch.set_num_threads(args.threads)
     tmp = tempfile.mkdtemp(prefix="bench-extract-")

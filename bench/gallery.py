@@ -95,7 +95,8 @@ def write_gallery(folder: str, spec, n: int) -> str:
 
 def add_features(cfg, ids: list[str], seed: int, r: int = 36, m: int = 2048) -> None:
     """Commit synthetic region features for ``ids`` (as the extraction would have)."""
-    from mask.pipeline.extract import ERRORS_SCHEMA, FEATURES_SCHEMA, extractor_name, features_rel
+    from mask.pipeline.extract import ERRORS_SCHEMA, FEATURES_SCHEMA
+    from mask.pipeline.identity import extractor_name, features_rel
     from mask.storage import Store
 
     store = Store(cfg.storage.root)
@@ -184,11 +185,11 @@ def main(argv=None):
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from mask.pipeline.gallery import score_gallery
+    from mask.evaluation import padded_mu
     from mask.pipeline.index import index_order, read_index_file, read_mu
     from mask.pipeline.reindex import reindex
-    from mask.pipeline.represent import padded_mu
     from mask.pipeline.runtime import init_ray
+    from mask.pipeline.score import score_gallery
     from mask.scoring import normalize_rows, score_matrix_naive
     from mask.storage import Store
 

@@ -96,8 +96,8 @@ def ray_train(cfg, table: pa.Table, word_vectors: np.ndarray, workers: int, root
     import ray.data
 
     from mask import tracking
-    from mask.pipeline.build import run_training
     from mask.pipeline.runtime import JobContext
+    from mask.pipeline.train import run_training
 
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": workers}),
                                  "storage": cfg.storage.model_copy(update={"root": root})})

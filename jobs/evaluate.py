@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--protocol", default="all", choices=["all", "flickr30k-1k", "coco-5k", "coco-5fold-1k"])
     args, rest = p.parse_known_args(argv if argv is not None else sys.argv[1:])
     cfg = parse(rest, __doc__.splitlines()[0])
-    from mask.pipeline.gallery import evaluate_job
+    from mask.pipeline.evaluate import evaluate_job
 
     summary = evaluate_job(cfg, args.index, args.scores, args.protocol)
     print(summary["table"])

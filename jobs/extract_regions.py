@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
         target = argv[i + 1]
         del argv[i:i + 2]
     cfg = parse(argv, __doc__.splitlines()[0])
-    from mask.pipeline.build import extract_dataset
+    from mask.pipeline.extract_regions import extract_dataset
 
     summary = extract_dataset(cfg, target)
     print_summary(summary)

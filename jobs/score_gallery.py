@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "(default: the version this config builds, else the newest registered)")
     args, rest = p.parse_known_args(argv if argv is not None else sys.argv[1:])
     cfg = parse(rest, __doc__.splitlines()[0])
-    from mask.pipeline.gallery import score_gallery
+    from mask.pipeline.score import score_gallery
 
     summary = score_gallery(cfg, args.knowledge)
     print(summary["table"])

@@ -6,7 +6,7 @@
     ray job submit --working-dir . -- python jobs/train.py --config vg storage.root=s3://bucket/mask
 
 Prints the checkpoint location and the final losses.  Reruns resume the run from its latest
-checkpoint (see mask.pipeline.build.train_run_name); a worker failure restarts from it as well.
+checkpoint (see mask.pipeline.identity.train_run_name); a worker failure restarts from it as well.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jobs._cli import parse, print_summary  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(argv, __doc__.splitlines()[0])
-    from mask.pipeline.build import train_job
+    from mask.pipeline.train import train_job
 
     summary = train_job(cfg)
     t = summary["training"]

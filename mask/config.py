@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mask.errors import MaskError
+from mask.storage import _CREDENTIAL_OPTION_KEYS  # the same names that Store refuses
 
 
 class ConfigError(MaskError, ValueError):
@@ -54,8 +55,6 @@ class StorageConfig(_Strict):
     @field_validator("options")
     @classmethod
     def _no_credentials(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from mask.storage import _CREDENTIAL_OPTION_KEYS  # the same names that Store refuses
-
         bad = sorted(k for k in _walk_keys(v) if k.lower() in _CREDENTIAL_OPTION_KEYS)
         if bad:
             raise ValueError(f"credentials are not accepted in config ({', '.join(bad)}); "

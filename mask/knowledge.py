@@ -363,6 +363,26 @@ class KnowledgeTable:
         return pa.table(cols)
 
     @classmethod
+    def from_accumulator(cls, acc: PrototypeAccumulator, words: Sequence[str], word_vectors: Any) -> KnowledgeTable:
+        """The knowledge table of eq. 2: each word's prototype (mean μ of its regions) from an accumulator.
+
+        Words no region was seen for get no prototype and are left out (``source`` is ``vg`` for every row).
+
+        Args:
+            acc: the accumulator over the vocabulary (row i = ``words[i]``).
+            words: the vocabulary, in the accumulator's row order.
+            word_vectors: (W, D) their word vectors.
+
+        Returns:
+            The table of the seen words, with one sampled region μ per word (``samples``).
+        """
+        protos, counts, missing = acc.prototypes()
+        seen = ~missing
+        return cls(words=[w for w, s in zip(words, seen, strict=True) if s], counts=counts[seen],
+                   word_vectors=np.asarray(word_vectors)[seen], prototypes=protos[seen],
+                   source=["vg"] * int(seen.sum()), samples=acc.samples()[seen])
+
+    @classmethod
     def from_arrow(cls, table: pa.Table) -> KnowledgeTable:
         """Inverse of :meth:`to_arrow` (``sample`` may be absent or all-null → None)."""
         need = {"word", "count", "word_vector", "prototype", "source"}

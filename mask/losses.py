@@ -44,15 +44,20 @@ class NonFiniteLoss(MaskError, FloatingPointError):
 
     Attributes:
         term: the name of the first non-finite term.
+        value: its value as text (``nan``, ``inf``, ``-inf``).
         step: the training step given by the caller, or None.
     """
 
     exit_code = 1  # not bad input: the run failed
 
     def __init__(self, term: str, value: str, step: int | None = None):
-        self.term, self.step = term, step
+        self.term, self.value, self.step = term, value, step
         prefix = f"step {step}: " if step is not None else ""
         super().__init__(f"{prefix}{term} is {value}")
+
+    def __reduce__(self):
+        # pickles with its fields (a Ray worker hands it to the driver as it is, not as text)
+        return type(self), (self.term, self.value, self.step)
 
 
 def _zero(*like: Tensor) -> Tensor:

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 KS = (1, 5, 10)
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+#: Every metric name in the paper's table order (Tables 1/2: image retrieval IR = text→image first,
+#: then annotation IA = image→text, then Rs); tables, sweeps and reports use this one tuple.
+METRIC_NAMES = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "rsum")
 
 
 class MetricsError(MaskError, ValueError):

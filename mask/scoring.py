@@ -417,6 +417,72 @@ def pooled_word_scores(image_mu: Any, image_mask: Any, prototypes: Any, *, pooli
     return _word_mean(mu, mask, protos_t)
 
 
+@dataclass
+class WordScoreReuse:
+    """How a new vocabulary's columns map onto a previous index's per-word terms.
+
+    Attributes:
+        old_cols: (K,) columns of the new vocabulary that the previous one has …
+        src_cols: (K,) … and where they are in the previous matrix.
+        new_cols: (V - K,) columns the previous vocabulary lacks (computed for every image).
+    """
+
+    old_cols: np.ndarray
+    src_cols: np.ndarray
+    new_cols: np.ndarray
+
+    @classmethod
+    def between(cls, words: Sequence[str], previous: Sequence[str]) -> WordScoreReuse:
+        """The mapping from a previous vocabulary (``previous``) to ``words``."""
+        at = {w: i for i, w in enumerate(previous)}
+        old = np.asarray([j for j, w in enumerate(words) if w in at], np.int64)
+        return cls(old_cols=old, src_cols=np.asarray([at[words[j]] for j in old], np.int64),
+                   new_cols=np.asarray([j for j, w in enumerate(words) if w not in at], np.int64))
+
+
+def reuse_word_scores(image_mu: Any, image_mask: Any, need: np.ndarray, previous_rows: np.ndarray,
+                      previous: np.ndarray, reuse: WordScoreReuse, prototypes: Any, *,
+                      pooling: Pooling = "max-mean") -> tuple[np.ndarray, int, int]:
+    """Per-word terms (:func:`pooled_word_scores`) of a chunk of images, reusing a previous index's.
+
+    An image the previous index holds keeps its terms for the words it had and gets new words
+    computed; a new image gets every word computed.  Equal to :func:`pooled_word_scores` on every
+    image when the previous terms are the ones this μ and these prototypes give (tested against it).
+
+    Args:
+        image_mu: (M, R, Z) μ of the images with ``need`` set, in chunk order; image_mask: (M, R).
+        need: (n,) bool, the images whose μ is given: every new image, and every image when
+            ``reuse.new_cols`` is not empty.
+        previous_rows: (n,) int, each image's row in ``previous`` (-1: a new image).
+        previous: (N_prev, V_prev) the previous index's per-word terms.
+        reuse: the column mapping (:meth:`WordScoreReuse.between`).
+        prototypes: (V, Z) the (normalised when scoring normalises) prototype rows of the vocabulary.
+
+    Returns:
+        ``(ws (n, V) float32, rows computed in full, cells computed)``.
+    """
+    need = np.asarray(need, bool)
+    old = np.asarray(previous_rows) >= 0
+    n, v = len(need), int(np.shape(prototypes)[0])
+    ws = np.zeros((n, v), np.float32)  # (n, V)
+    at = {j: i for i, j in enumerate(np.flatnonzero(need))}
+    cells = rows_full = 0
+    if old.any():
+        rows = np.asarray(previous_rows)[old]
+        ws[np.ix_(old, reuse.old_cols)] = previous[np.ix_(rows, reuse.src_cols)]
+        if reuse.new_cols.size:  # new words for unchanged images
+            sel = [at[j] for j in np.flatnonzero(old)]
+            ws[np.ix_(old, reuse.new_cols)] = pooled_word_scores(image_mu[sel], image_mask[sel],
+                                                                 prototypes[reuse.new_cols], pooling=pooling)
+            cells += len(sel) * reuse.new_cols.size
+    if (~old).any():  # new images: every word
+        sel = [at[j] for j in np.flatnonzero(~old)]
+        ws[~old] = pooled_word_scores(image_mu[sel], image_mask[sel], prototypes, pooling=pooling)
+        rows_full += len(sel)
+        cells += len(sel) * v
+    return ws, rows_full, cells
+
+
 def score_matrix_naive(image_mu: Any, image_mask: Any, caption_words: Sequence[Sequence[int]], prototypes: Any,
                        *, pooling: Pooling = "max-mean") -> np.ndarray:
     """Reference: eq. 10 by a loop over every (image, caption) pair, in float64.

@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+import mask
 from mask.errors import MaskError
 
 logger = logging.getLogger(__name__)
@@ -352,7 +353,6 @@ def _git_sha(repo: Path) -> str | None:
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """``mask.__version__``, plus ``+g<sha12>`` when the package runs from a git checkout with commits."""
-    import mask
 
     version = mask.__version__
     sha = _git_sha(Path(mask.__file__).resolve().parent.parent)

@@ -32,13 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mask.config import MaskConfig
 from mask.errors import MaskError
+from mask.metrics import METRIC_NAMES
 
 #: Training-level parameters a space may sample (each sample retrains).
 TUNABLE = ("loss.lambda_cm", "loss.lambda_cl", "loss.tau", "loss.kl_weight", "loss.dias_weight", "train.lr")
 #: Scoring-level parameters of the grid (no retraining), in the order of the metric names.
 GRID_KEYS = ("knowledge.m", "rerank.alpha", "rerank.k")
 #: Metrics of every grid entry (R@K in percent, both directions, and their sum Rs).
-METRICS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "rsum")
+METRICS = METRIC_NAMES
 #: The Tune metric ASHA and the best-trial choice use: the trial's best validation Rs over its grid.
 SCORE = "val_rsum"
 #: Paper names of the loss weights, logged next to the config keys.

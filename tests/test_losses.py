@@ -347,6 +347,15 @@ def test_check_finite_names_term():
     check_finite({"loss": torch.tensor(2.0), "loss_ir": 1.0}, step=1)
 
 
+def test_non_finite_loss_travels_as_a_value():
+    """A Ray worker hands the driver the exception itself (pickled), not a message to parse back."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(NonFiniteLoss("loss_cl", "nan", 12)))
+    assert isinstance(e, NonFiniteLoss) and (e.term, e.value, e.step) == ("loss_cl", "nan", 12)
+    assert str(e) == "step 12: loss_cl is nan"
+
+
 def test_nan_model_output_is_caught_by_name():
     out, batch, protos = _batch()
     out = dict(out, w_pred=out["w_pred"].detach().clone())

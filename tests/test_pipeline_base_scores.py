@@ -57,7 +57,7 @@ def demo(tmp_path_factory, ray_local):
 
 
 def test_matrix_shape_order_and_values(demo):
-    from mask.pipeline.base_scores import load_base_scores
+    from mask.pipeline.rerank import read_base_scores_artifact
     from mask.storage import Store
 
     root, _, s = demo
@@ -70,7 +70,7 @@ def test_matrix_shape_order_and_values(demo):
     assert images.num_rows == 8
     rel = bs["uri"][len(str(root)) + 1:]
     assert rel.startswith("base_scores/demo_gallery/mask-test-tiny-random-")
-    got = load_base_scores(store, rel)
+    got = read_base_scores_artifact(store, rel)
     image_ids = images.column("image_id").to_pylist()
     assert got.image_ids == image_ids
     # columns: captions sorted by (image position, original order) — evaluate.py's order, naively
@@ -145,7 +145,7 @@ def _karpathy_gallery(tmp_path):
 
 def test_bad_images_excluded_and_recorded(tmp_path, ray_local):
     from jobs import base_scores
-    from mask.pipeline.base_scores import load_base_scores
+    from mask.pipeline.rerank import read_base_scores_artifact
     from mask.storage import Store
 
     path, img_dir = _karpathy_gallery(tmp_path)
@@ -161,7 +161,7 @@ def test_bad_images_excluded_and_recorded(tmp_path, ray_local):
     assert set(errs) == {"trunc", "text"}
     assert all(e["stage"] and e["error"] and e["message"] and e["uri"].endswith(".jpg") for e in errs.values())
     assert errs["trunc"]["error"] == "TruncatedImage"
-    got = load_base_scores(store, rel)
+    got = read_base_scores_artifact(store, rel)
     assert got.image_ids == ["good", "cup"]  # gallery order, failed images left out
     caps = store.read_table("datasets/mini/captions")
     owner = dict(zip(caps.column("caption_id").to_pylist(), caps.column("image_id").to_pylist(), strict=True))
@@ -182,7 +182,7 @@ def test_all_images_bad_is_an_error_after_recording_them(tmp_path, ray_local):
     path, img_dir = _karpathy_gallery(tmp_path)
     for f in img_dir.iterdir():
         f.write_bytes(b"")
-    from mask.pipeline.base_scores import base_scores_rel
+    from mask.pipeline.identity import base_scores_rel
     from mask.storage import Store
 
     root = tmp_path / "art"
@@ -199,7 +199,7 @@ def test_all_images_bad_is_an_error_after_recording_them(tmp_path, ray_local):
 
 
 def test_model_tag_identity():
-    from mask.pipeline.base_scores import base_scores_rel, model_tag
+    from mask.pipeline.identity import base_scores_rel, model_tag
 
     a = _clip_cfg()
     assert model_tag(a) == model_tag(_clip_cfg(batch_size=7, num_actors=3))  # execution only

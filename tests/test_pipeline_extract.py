@@ -128,7 +128,9 @@ def test_killed_detector_actor_loses_and_duplicates_nothing(tmp_path, ray_local,
     """
     from jobs import extract_regions
     from mask.config import load_config
-    from mask.pipeline.extract import FAULT_ENV, committed_image_ids, features_rel
+    from mask.faults import FAULT_ENV
+    from mask.pipeline.extract import committed_image_ids
+    from mask.pipeline.identity import features_rel
     from mask.storage import Store
 
     folder = _photo_folder(tmp_path / "photos", 8)
@@ -191,7 +193,7 @@ def test_extraction_run_is_tracked(tmp_path, ray_local):
 def test_execution_settings_keep_the_artifact_name(field, value):
     """A rerun with another batch size / actor count / thread count resumes the same artifact."""
     from mask.config import DetectorConfig
-    from mask.pipeline.extract import extractor_name
+    from mask.pipeline.identity import extractor_name
 
     base = DetectorConfig()
     assert extractor_name(base.model_copy(update={field: value})) == extractor_name(base)

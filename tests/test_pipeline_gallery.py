@@ -34,7 +34,7 @@ def world(tmp_path_factory, ray_local):
 
 
 def _index(world):
-    from mask.pipeline.gallery import read_index_file
+    from mask.pipeline.index import read_index_file
     from mask.storage import Store
 
     store = Store(str(world["root"]))
@@ -156,7 +156,7 @@ def _noisy_truth(c2i: np.ndarray, n: int, noise: float, seed: int = 0) -> np.nda
 def test_rerank_with_a_synthetic_base_matrix(world, tmp_path):
     from jobs import score_gallery
     from mask.metrics import recall_at_k
-    from mask.pipeline.gallery import read_index_file
+    from mask.pipeline.index import read_index_file
     from mask.rerank import rerank_both
 
     store, rel, f = _index(world)
@@ -256,7 +256,7 @@ def test_rerank_from_parquet_pairs_and_topk_lists(world, tmp_path):
 
 def test_bad_base_scores_fail_the_job_with_the_file_named(world, tmp_path):
     from jobs import score_gallery
-    from mask.pipeline.gallery import BaseScoresError
+    from mask.pipeline.base_scores import BaseScoresError
 
     path = tmp_path / "wrong.npy"
     np.save(path, np.zeros((10, 49)))
@@ -271,7 +271,7 @@ CAPS = ["a0", "a1", "b0", "b1", "c0", "c1"]
 
 
 def _load(tmp_path, table=None, array=None, name="x.parquet"):
-    from mask.pipeline.gallery import load_base_scores
+    from mask.pipeline.rerank import load_base_scores
 
     p = tmp_path / name
     if array is not None:
@@ -288,7 +288,7 @@ def _load(tmp_path, table=None, array=None, name="x.parquet"):
     (np.array([["x"] * 6] * 3), "expected numbers"),
 ])
 def test_bad_npy(tmp_path, array, message):
-    from mask.pipeline.gallery import BaseScoresError
+    from mask.pipeline.base_scores import BaseScoresError
 
     with pytest.raises(BaseScoresError, match=r"x\.npy: " + message):
         _load(tmp_path, array=array, name="x.npy")
@@ -313,7 +313,7 @@ def test_bad_npy(tmp_path, array, message):
     ({"img": ["a"], "score": [1.0]}, r"Parquet columns \['img', 'score'\] are neither"),
 ])
 def test_bad_parquet(tmp_path, table, message):
-    from mask.pipeline.gallery import BaseScoresError
+    from mask.pipeline.base_scores import BaseScoresError
 
     with pytest.raises(BaseScoresError, match=r"x\.parquet: .*" + message):
         _load(tmp_path, table=table)
@@ -330,7 +330,8 @@ def test_partial_pairs_get_the_fill_score(tmp_path):
 
 
 def test_gallery_order_rejects_duplicate_ids():
-    from mask.pipeline.gallery import GalleryError, gallery_order
+    from mask.pipeline.index import gallery_order
+    from mask.pipeline.steps import GalleryError
 
     imgs = pa.table({"image_id": ["a", "b", "a"]})
     caps = pa.table({"caption_id": ["1"], "image_id": ["a"], "text": ["x"]})
@@ -348,7 +349,7 @@ def test_gallery_order_rejects_duplicate_ids():
 
 def test_recall_from_topk_matches_recall_at_k(rng):
     from mask.metrics import recall_at_k
-    from mask.pipeline.gallery import recall_from_topk
+    from mask.pipeline.index import recall_from_topk
     from mask.scoring import topk
 
     sim = rng.standard_normal((30, 150))
@@ -364,7 +365,7 @@ def test_recall_from_topk_matches_recall_at_k(rng):
 def test_evaluate_job_table_and_protocols(world, tmp_path):
     from jobs import evaluate
     from mask.metrics import coco_5fold_1k
-    from mask.pipeline.gallery import GalleryError
+    from mask.pipeline.steps import GalleryError
 
     _, rel, f = _index(world)
     args = [*world["args"], "--index", rel]

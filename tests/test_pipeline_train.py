@@ -160,7 +160,7 @@ def test_mismatched_checkpoint_is_named(trained):
 def variant(trained, tmp_path_factory):
     """Word vectors lacking some words + the "w/o KL" ablation + a worker killed at the start of epoch 1."""
     from mask.datasets.demo import COLOURS, OBJECT_ASPECT, SIZES, TEXTURES
-    from mask.pipeline.train import FAULT_ENV
+    from mask.faults import FAULT_ENV
 
     root, _ = trained
     tmp = tmp_path_factory.mktemp("variant")
@@ -211,7 +211,7 @@ def test_words_without_vectors_are_counted_and_reported(variant, trained):
 
 def test_ablation_runs_are_separate(variant, trained):
     from mask.config import load_config
-    from mask.pipeline.build import knowledge_version, train_run_name
+    from mask.pipeline.identity import knowledge_version, train_run_name
 
     s, _, _ = variant
     base = trained[1]
@@ -276,8 +276,7 @@ def test_collate_matches_naive_padding(rng):
 
 
 def test_pair_join_matches_arrow_reference(rng):
-    from mask.pipeline.build import training_table
-    from mask.pipeline.train import PairJoin
+    from mask.pipeline.train import PairJoin, training_table
 
     counts, feats, rids = _rows(rng, 8)
     features = pa.table({"image_id": [f"i{i}" for i in range(8)],
@@ -346,7 +345,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
 
 def test_batch_schedule_and_run_name():
     from mask.config import load_config
-    from mask.pipeline.build import knowledge_version, train_run_name
+    from mask.pipeline.identity import knowledge_version, train_run_name
     from mask.pipeline.train import batch_pairs, images_per_batch
 
     paper = load_config("vg").train
@@ -375,7 +374,7 @@ def test_shipped_configs_load(name):
     assert (t.lr, t.epochs, t.batch_size, t.batch_size_late, t.late_epoch) == (1e-4, 400, 4096, 2048, 200)
     assert t.use_gpu and cfg.dataset.kind == "vg" and cfg.detector.depth == 101
     assert cfg.vectors.source.endswith("glove.840B.300d.txt") and cfg.knowledge.m == 10
-    from mask.pipeline.build import knowledge_version
+    from mask.pipeline.identity import knowledge_version
 
     assert knowledge_version(cfg) == knowledge_version(load_config("vg"))  # one VG knowledge for all three
     if name == "vg":

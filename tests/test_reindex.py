@@ -60,10 +60,9 @@ def _files(world, version):
 def _scratch(world, limit, version="i-scratch"):
     """A from-scratch build of the same gallery (no live index reused), for comparison."""
     from mask.config import load_config
-    from mask.pipeline.build import ensure_dataset
-    from mask.pipeline.gallery import resolve_and_load_knowledge
     from mask.pipeline.index import build_index
     from mask.pipeline.runtime import JobContext
+    from mask.pipeline.steps import ensure_dataset, resolve_and_load_knowledge
     from mask.tracking import NullRun
 
     cfg = load_config("demo", _args(world, limit))
@@ -143,7 +142,7 @@ def test_removed_images_compute_nothing(world):
 
 def test_query_and_evaluate_use_the_live_index(world):
     from mask.config import load_config
-    from mask.pipeline.gallery import evaluate_job
+    from mask.pipeline.evaluate import evaluate_job
     from mask.pipeline.query import query_job
 
     cfg = load_config("demo", _args(world, 11))
@@ -198,7 +197,7 @@ def test_driver_killed_mid_run_leaves_the_live_index_and_the_rerun_completes(wor
 
     live = _current(world)
     live_metrics = read_index_file(_store(world), f"indexes/demo_gallery/{live['version']}", "metrics.json")
-    env = {**os.environ, "MASK_FAULT_INJECT": "kill:index.after_mu"}
+    env = {**os.environ, "MASK_FAULT_INJECT": "index.after_mu"}
     env.pop("RAY_ADDRESS", None)
     args = _args(world, 14, "index.lease_ttl_s=4")
     knowledge = ["--knowledge", live["knowledge_uri"]]

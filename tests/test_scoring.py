@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 from mask.scoring import (
     GalleryScorer,
     ScoringError,
+    WordScoreReuse,
     count_empty,
     fill_score,
     normalize_rows,
+    pooled_word_scores,
+    reuse_word_scores,
     score_matrix,
     score_matrix_naive,
     topk,
@@ -304,3 +307,26 @@ def test_fill_uses_the_lowest_score_over_all_row_blocks(rng):
     got = score_matrix(mu, mask, [[0], []], protos)
     assert got[:, 1].max() == got[:, 1].min() == fill_score(float(got[:, 0].min()))
     assert got[:, 1].max() < got[:, 0].min() == got[1050, 0]
+
+
+@pytest.mark.parametrize("pooling", ["max-mean", "mean"])
+@pytest.mark.parametrize("new_words", [True, False])
+def test_reused_word_scores_equal_recomputing_them(pooling, new_words):
+    """A chunk scored from a previous index's terms (moved rows and columns, new images, new words)
+    equals computing every image × word afresh (the naive twin: pooled_word_scores on all)."""
+    rng = np.random.default_rng(7)
+    mu, mask, _, protos = make(rng, n=7, v=12)
+    words = [f"w{i}" for i in range(12)]
+    # the previous index: 5 of the images (another order), a vocabulary without w3/w8 (when new_words) plus one gone
+    prev_images = [4, 0, 6, 2, 5]
+    prev_words = [w for w in words if not (new_words and w in ("w3", "w8"))][::-1] + ["gone"]
+    prev_protos = np.vstack([protos[[words.index(w) for w in prev_words[:-1]]], rng.normal(size=(1, protos.shape[1]))])
+    previous = pooled_word_scores(mu[prev_images], mask[prev_images], prev_protos, pooling=pooling)
+    reuse = WordScoreReuse.between(words, prev_words)
+    assert sorted(reuse.new_cols.tolist()) == ([3, 8] if new_words else [])
+    prev_rows = np.asarray([prev_images.index(i) if i in prev_images else -1 for i in range(7)])
+    need = (prev_rows < 0) | bool(reuse.new_cols.size)
+    ws, rows_full, cells = reuse_word_scores(mu[need], mask[need], need, prev_rows, previous, reuse, protos,
+                                             pooling=pooling)
+    np.testing.assert_allclose(ws, pooled_word_scores(mu, mask, protos, pooling=pooling), rtol=1e-6, atol=1e-6)
+    assert rows_full == 2 and cells == 2 * 12 + (5 * 2 if new_words else 0)

@@ -33,6 +33,7 @@ from mask.datasets.records import (
     ErrorLog,
     dataset_hash,
     dataset_rel,
+    exists,
     write_dataset,
 )
 from mask.datasets.vg import read_vg
@@ -44,6 +45,7 @@ from mask.datasets.vocabulary import (
     restrict_words,
     split_words,
 )
+from mask.storage import fingerprint as _fp
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +96,6 @@ def read_dataset(cfg: Any, storage_options: dict | None = None, demo_root: str |
         return read_coco_captions(path, cfg.image_root, name=cfg.name, splits=cfg.splits, limit=cfg.limit,
                                   storage_options=so)
     if kind == "folder":
-        from mask.datasets.records import exists
-
         fs_isdir = exists(path, so) and not os.path.splitext(path)[1]
         if fs_isdir:
             return read_image_folder(path, name=cfg.name, limit=cfg.limit, captions=cfg.captions, storage_options=so)
@@ -121,7 +121,6 @@ def ingest_dataset(store: Any, cfg: Any, storage_options: dict | None = None, de
     Returns:
         The :func:`write_dataset` summary, with ``"reused": True`` when nothing was rewritten.
     """
-    from mask.storage import fingerprint as _fp
 
     tables = read_dataset(cfg, storage_options, demo_root)
     h = dataset_hash(_fp(cfg.model_dump(mode="json")), tables.inputs)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mask.features.device import resolve_device
 from mask.features.postprocess import labels_and_scores, prepare_given_boxes, select_boxes
 
 if TYPE_CHECKING:
@@ -78,8 +79,6 @@ class Detectron2Extractor:
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.config import get_cfg
         from detectron2.modeling import build_model
-
-        from mask.features.extractor import resolve_device
 
         if not det.d2_config:
             raise ValueError("detector.backend=detectron2 needs detector.d2_config (a detectron2 config file)")

@@ -42,6 +42,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from mask.errors import MaskError
 from mask.features.butd import BUTDDetector, BUTDSpec, build_butd, caffe_cell_anchors, detectron2_cell_anchors
 from mask.features.checkpoint import load_butd_checkpoint, state_dict_bytes
+from mask.features.device import resolve_device
 from mask.features.images import resize_for_detector
 from mask.features.postprocess import labels_and_scores, prepare_given_boxes, select_boxes
 
@@ -67,15 +68,6 @@ def spec_from_config(cfg: DetectorConfig) -> BUTDSpec:
                     cell_anchors=tuple(map(tuple, anchors.tolist())), rpn_pre_nms_topk=cfg.rpn_pre_nms_topk,
                     rpn_post_nms_topk=cfg.rpn_post_nms_topk, rpn_nms_thresh=cfg.rpn_nms_thresh,
                     rpn_min_size=cfg.rpn_min_size, roi_chunk=cfg.roi_chunk)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("detector.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 class RegionExtractor:
@@ -116,6 +108,7 @@ class RegionExtractor:
             A :class:`RegionExtractor` (or :class:`~mask.features.detectron2_backend.Detectron2Extractor`).
         """
         if cfg.backend == "detectron2":
+            # the optional backend's module is loaded only when chosen (it wraps the optional detectron2)
             from mask.features.detectron2_backend import Detectron2Extractor
 
             return Detectron2Extractor.from_config(cfg)

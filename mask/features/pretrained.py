@@ -51,6 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from mask.errors import MaskError
+from mask.features.butd import BUTDSpec
+from mask.features.device import resolve_device
+from mask.features.images import resize_for_detector
 from mask.features.postprocess import prepare_given_boxes
 
 if TYPE_CHECKING:
@@ -221,6 +224,13 @@ def propose_boxes(img: np.ndarray, num_boxes: int, scales: tuple[int, ...] = PRO
 # ---------------------------------------------------------------- the extractor
 
 
+def _pipeline_pixel_mean(cfg: DetectorConfig) -> tuple[float, float, float]:
+    """The BGR mean the pipeline's CPU stage subtracts for this config (``spec_from_config(cfg).pixel_mean_bgr``:
+    the caffe mean, zeros for the v2 / depth-152 variant), undone exactly by :meth:`PretrainedRegionExtractor._rgb`."""
+    version = {"v1": 1, "v2": 2}.get(cfg.variant, 2 if cfg.depth == 152 else 1)
+    return BUTDSpec(depth=cfg.depth, version=version).pixel_mean_bgr
+
+
 class PretrainedRegionExtractor:
     """Region features of EfficientNet-Lite0 (ImageNet) + RoIAlign + CIE L*a*b* colour (module docstring).
 
@@ -254,8 +264,6 @@ class PretrainedRegionExtractor:
         Raises:
             PretrainedWeightsError: the weights are missing, unreadable or do not fit.
         """
-        from mask.features.extractor import resolve_device, spec_from_config
-
         model = build_lite0()
         if cfg.random_weights:
             torch.manual_seed(cfg.seed)
@@ -269,7 +277,7 @@ class PretrainedRegionExtractor:
             info.update(load_lite0_weights(model, src))
         info.update(backend="efficientnet_lite0", feature_dim=FEATURE_DIM)
         return cls(model, mode=cfg.mode, num_boxes=cfg.num_boxes, min_size=cfg.min_size, max_size=cfg.max_size,
-                   pixel_mean_bgr=spec_from_config(cfg).pixel_mean_bgr, device=resolve_device(cfg.device),
+                   pixel_mean_bgr=_pipeline_pixel_mean(cfg), device=resolve_device(cfg.device),
                    info=info)
 
     # The pipeline's CPU stage prepares every image for the BUTD network (resize by min/max size, BGR,
@@ -277,8 +285,6 @@ class PretrainedRegionExtractor:
     # needs no second preprocessing path.
     def preprocess(self, img: np.ndarray) -> tuple[np.ndarray, float]:
         """RGB image → ``(blob, scale)`` exactly as the pipeline's CPU stage makes it (``resize_for_detector``)."""
-        from mask.features.images import resize_for_detector
-
         return resize_for_detector(img, self.min_size, self.max_size, tuple(self.pixel_mean_bgr.tolist()))
 
     def _rgb(self, blob: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ Artifact ``base_scores/<gallery>/<model-tag>/`` (manifest written last, through 
   text embeddings (CLIP's ``logit_scale`` is left out: it does not change rankings, and eq. 15 z-scores
   the scores anyway);
 * ``ids.json``: ``image_ids`` (row order: the gallery's image order), ``caption_ids`` (column order:
-  captions sorted by (image row, original order), the order :func:`mask.pipeline.evaluate.evaluate`
+  captions sorted by (image row, original order), the order :func:`mask.evaluation.evaluate`
   uses), ``caption_image`` (row of each column's image), ``excluded_image_ids`` and
   ``excluded_caption_ids``, the model and the similarity used;
 * ``_errors/``: one row per image that failed (``image_id, uri, stage, error, message``), as in the
@@ -31,13 +31,12 @@ an unchanged URI is not detected (as for the features artifact).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-import re
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,15 +44,17 @@ import pyarrow as pa
 
 from mask.config import ClipConfig, MaskConfig
 from mask.errors import MaskError
+from mask.features.images import ImageError, decode_image
+from mask.pipeline.extract import ERRORS_SCHEMA, read_uri
+from mask.pipeline.identity import CLIP_EXECUTION_FIELDS, WEIGHT_SUFFIXES, base_scores_rel, weights_label
+from mask.pipeline.runtime import JobContext, cluster_gpus, init_ray, job_run
+from mask.pipeline.steps import ensure_dataset, require_gallery
 from mask.storage import Store, fingerprint, fingerprint_files, parse_uri, redact_text
 
 logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.npy"
 IDS_FILE = "ids.json"
-#: ClipConfig fields that change how the job runs, never the scores: left out of the artifact identity.
-EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "max_pixels"})
-_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 class BaseScoresError(MaskError, ValueError):
@@ -63,39 +64,9 @@ class BaseScoresError(MaskError, ValueError):
 # ---------------------------------------------------------------- naming and identity
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
-
-
-def _weights_label(pretrained: str | None) -> str:
-    if pretrained is None:
-        return "random"
-    if "://" in pretrained or os.sep in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES):
-        return os.path.splitext(os.path.basename(pretrained.rstrip("/")))[0] or "file"
-    return pretrained
-
-
-def model_tag(clip: ClipConfig) -> str:
-    """Folder name of a CLIP configuration: ``<model>-<weights>-<hash>`` (hash of what shapes the scores).
-
-    Args:
-        clip: the CLIP config.
-
-    Returns:
-        A single path-safe name, e.g. ``ViT-B-32-openai-1f2e3d4c5b``.
-    """
-    h = fingerprint(clip.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)))[:10]
-    return f"{_safe(clip.model)[:60]}-{_safe(_weights_label(clip.pretrained))[:40]}-{h}"
-
-
-def base_scores_rel(gallery: str, clip: ClipConfig) -> str:
-    """Artifact folder ``base_scores/<gallery>/<model-tag>``."""
-    return f"base_scores/{gallery}/{model_tag(clip)}"
-
-
 def _is_weights_file(pretrained: str) -> bool:
     return "://" in pretrained or os.path.exists(pretrained) or os.sep in pretrained \
-        or pretrained.endswith(_WEIGHT_SUFFIXES)
+        or pretrained.endswith(WEIGHT_SUFFIXES)
 
 
 def weights_fingerprint(pretrained: str | None, storage_options: dict[str, Any]) -> str | None:
@@ -285,9 +256,6 @@ def decode_clip_batch(batch: pa.Table, storage_options: dict[str, Any], preproce
     from open_clip.transform import PreprocessCfg, image_transform_v2
     from PIL import Image
 
-    from mask.features.images import ImageError, decode_image
-    from mask.pipeline.extract import read_uri
-
     pcfg = PreprocessCfg(**{k: tuple(v) if isinstance(v, list) else v for k, v in preprocess_cfg.items()})
     transform = image_transform_v2(pcfg, is_train=False)
     n = batch.num_rows
@@ -400,44 +368,7 @@ def gallery_fingerprint(images: pa.Table, captions: pa.Table) -> str:
                         captions.column("text").to_pylist()])
 
 
-@dataclass
-class BaseScores:
-    """A committed base-scores artifact, as the re-ranker reads it."""
-
-    scores: np.ndarray  # (n_images, n_captions) float32
-    image_ids: list[str]
-    caption_ids: list[str]
-    caption_image: np.ndarray  # (n_captions,) row of each caption's image
-    excluded_image_ids: list[str] = field(default_factory=list)
-    excluded_caption_ids: list[str] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def load_base_scores(store: Store, rel: str) -> BaseScores:
-    """Read ``scores.npy`` and ``ids.json`` of a committed artifact (SHA-256 checked by the store).
-
-    Raises:
-        ArtifactNotFound: nothing committed at ``rel``.
-        BaseScoresError: the matrix and the ids disagree.
-    """
-    import io
-
-    ids = json.loads(store.read_file(rel, IDS_FILE))
-    scores = np.load(io.BytesIO(store.read_file(rel, SCORES_FILE)), allow_pickle=False)
-    shape = (len(ids["image_ids"]), len(ids["caption_ids"]))
-    if scores.shape != shape:
-        raise BaseScoresError(f"base scores {store.uri(rel)}: matrix {scores.shape} does not match the ids {shape}")
-    meta = {k: v for k, v in ids.items() if k not in ("image_ids", "caption_ids", "caption_image",
-                                                      "excluded_image_ids", "excluded_caption_ids")}
-    return BaseScores(scores=scores, image_ids=ids["image_ids"], caption_ids=ids["caption_ids"],
-                      caption_image=np.asarray(ids["caption_image"], np.int64),
-                      excluded_image_ids=ids["excluded_image_ids"], excluded_caption_ids=ids["excluded_caption_ids"],
-                      meta=meta)
-
-
 def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
@@ -445,8 +376,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 def _actors_and_threads(clip: ClipConfig) -> tuple[int, int, int | None]:
     import ray
-
-    from mask.pipeline.runtime import cluster_gpus
 
     gpus = cluster_gpus()
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -480,7 +409,7 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
 
     clip = cfg.clip
     rel = base_scores_rel(gallery, clip)
-    ident = {"clip": clip.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)),
+    ident = {"clip": clip.model_dump(mode="json", exclude=set(CLIP_EXECUTION_FIELDS)),
              "weights": weights_fingerprint(clip.pretrained, cfg.storage.options),
              "gallery": gallery_fingerprint(images, captions),
              "seed": cfg.seed if clip.pretrained is None else None}
@@ -489,8 +418,6 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
     if m is not None:
         logger.info("base scores %s are committed; reused", store.uri(rel))
         return {"uri": store.uri(rel), "reused": True, **(m.get("extra") or {}).get("summary", {})}
-
-    from mask.pipeline.runtime import init_ray
 
     init_ray(cfg)
     t0 = time.perf_counter()
@@ -542,14 +469,13 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
         k = f"{e['stage']}.{e['error']}"
         kinds[k] = kinds.get(k, 0) + 1
     summary = {"uri": store.uri(rel), "reused": False, "gallery": gallery, "model": clip.model,
-               "pretrained": _weights_label(clip.pretrained), "shape": list(scores.shape),
+               "pretrained": weights_label(clip.pretrained), "shape": list(scores.shape),
                "images": len(all_ids), "scored_images": len(rows), "errors": len(errors),
                "errors_by_kind": dict(sorted(kinds.items())), "captions": len(caption_ids_all),
                "excluded_captions": len(excluded_caps), "embedding_dim": dim, "actors": n_actors,
                "gpus_per_actor": 1 if gpus else 0, "seconds": round(secs, 3),
                "inputs_per_s": round((n_img + n_cap) / secs, 3) if secs > 0 else 0.0}
     run_id = getattr(tracker, "run_id", None)
-    from mask.pipeline.extract import ERRORS_SCHEMA
 
     err_table = pa.table({k: pa.array([e[k] for e in errors], pa.string()) for k in ERRORS_SCHEMA.names},
                          schema=ERRORS_SCHEMA)
@@ -593,16 +519,11 @@ def base_scores_job(cfg: MaskConfig) -> dict[str, Any]:
     Raises:
         BaseScoresError: the config names no gallery, or no gallery image could be used.
     """
-    from mask import tracking
-    from mask.pipeline.build import ensure_dataset
-    from mask.pipeline.runtime import JobContext
-
-    if cfg.gallery is None:
-        raise BaseScoresError("the config names no gallery (set gallery.name / gallery.kind / gallery.path)")
+    require_gallery(cfg, BaseScoresError)
     ctx = JobContext.from_config(cfg)
-    uri = tracking.tracking_uri(cfg.tracking, ctx.store.root) if cfg.tracking.enabled else None
-    with tracking.start_run(cfg.tracking, ctx.store.root, f"base_scores:{cfg.gallery.name}", params=cfg.flat(),
-                            tags={"job": "base_scores"}) as run:
+    uri = ctx.tracking_uri if cfg.tracking.enabled else None
+    # Ray starts in compute_base_scores, only when the matrix is not committed yet
+    with job_run(ctx, "base_scores", run_name=f"base_scores:{cfg.gallery.name}", ray=False) as run:
         data = ensure_dataset(ctx, cfg.gallery, run.run_id)
         captions = data.get("captions")
         if captions is None:

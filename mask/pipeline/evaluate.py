@@ -1,158 +1,183 @@
-"""Gallery evaluation of a knowledge table: captions → words → prototypes → eq. 10 → R@K.
+"""Evaluation jobs: the main job's gallery table and the evaluation of a committed index.
 
-Used by the main job when the config names a gallery.  Reports MASK next to the paper's ablations
-that need no retraining — without OOD words (Table 3), without region prototypes (a random region of
-the word, Table 1), without max-mean pooling (global mean, Table 1) — and next to chance level.
+:func:`evaluate_gallery` (the main job, when the config names a gallery): gallery features (detected
+boxes) → μ → MASK and its ablations (:func:`mask.evaluation.evaluate`) → the R@K table, logged to
+MLflow.  :func:`evaluate_job` (``jobs/evaluate.py``): R@1/5/10 both ways and Rs of a committed index,
+or of a dense score file in its order, by an evaluation protocol (:data:`PROTOCOLS`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from mask.config import MaskConfig
+from mask.evaluation import evaluate, format_table, markdown_table
+from mask.metrics import coco_5fold_1k, coco_5k, recall_at_k
+from mask.pipeline.extract import run_extraction
+from mask.pipeline.identity import features_rel
+from mask.pipeline.index import (
+    DENSE_FILE,
+    GalleryOrder,
+    find_index,
+    gallery_order,
+    has_file,
+    index_dense,
+    read_index_file,
+    recall_from_topk,
+)
+from mask.pipeline.represent import image_representations
+from mask.pipeline.rerank import load_base_scores
+from mask.pipeline.runtime import JobContext, cluster_gpus, job_run
+from mask.pipeline.steps import MU_COLUMNS, GalleryError, ensure_dataset, features_dataset, require_gallery
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CaptionWords:
-    """Caption words mapped onto a prototype matrix."""
+class GalleryInputs:
+    """A gallery with features and μ, in gallery order."""
 
-    caption_words: list[list[int]]  # per caption: rows into ``prototypes``
-    prototypes: np.ndarray  # (W, Z)
-    samples: np.ndarray | None  # (W, Z) one region μ per word (random-region ablation), NaN rows where none
-    vocab: list[str]
-    source: list[str]  # per vocab word: knowledge / ood
-    coverage: dict[str, int]
-    dropped: list[list[str]] | None = None  # per caption: its words without a vector (dropped, counted)
+    order: GalleryOrder
+    mu: pa.Table  # image_id, mu (n×Z flat), num_boxes, latent_dim — rows in order.image_ids
+    dataset: dict[str, Any]
+    features: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
 
 
-def map_captions(cfg: MaskConfig, table, texts: list[str], parser=None, kv=None,
-                 ood_method: str | None = None, m: int | None = None) -> CaptionWords:
-    """Parse captions into content words and give each word a prototype (knowledge or OOD, eq. 11–13).
-
-    Words with no prototype and no vector are dropped and counted (``coverage["no_vector"]``).
-    """
-    from mask.knowledge import build_prototypes_for
-    from mask.text import ContentWordParser
-    from mask.vectors import load_vectors, vectors_for
-
-    parser = parser or ContentWordParser.from_config(cfg.text)
-    kv = kv if kv is not None else load_vectors(cfg.vectors.source, cfg.vectors.format, cfg.vectors.cache_dir)
-    words_per_caption = parser.parse_batch(texts)
-    vocab = sorted({w for ws in words_per_caption for w in ws})
-
-    def lookup(ws: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        return vectors_for(kv, ws)
-
-    method = ood_method or cfg.knowledge.ood_method
-    protos, source, counts = build_prototypes_for(vocab, table, lookup, method, m or cfg.knowledge.m)
-    keep = [i for i, s in enumerate(source) if s != "missing"]
-    remap = {vocab[i]: j for j, i in enumerate(keep)}
-    caption_words = [[remap[w] for w in ws if w in remap] for ws in words_per_caption]
-    samples = None
-    if table.samples is not None:
-        idx = table.index()
-        z = table.prototypes.shape[1]
-        samples = np.full((len(keep), z), np.nan, np.float32)
-        for j, i in enumerate(keep):
-            k = idx.get(vocab[i])
-            if k is not None:
-                samples[j] = table.samples[k]
-            else:  # an OOD word has no region of its own; fall back to its constructed prototype
-                samples[j] = protos[i]
-    coverage = {
-        "captions": len(texts),
-        "captions_without_words": sum(1 for c in caption_words if not c),
-        "vocab": len(vocab),
-        "in_knowledge": sum(1 for s in source if s == "knowledge"),
-        "ood": sum(1 for s in source if s == "ood"),
-        "no_vector": sum(1 for s in source if s == "missing"),
-    }
-    return CaptionWords(caption_words, np.asarray(protos)[keep], samples, [vocab[i] for i in keep],
-                        [source[i] for i in keep], coverage,
-                        dropped=[[w for w in ws if w not in remap] for ws in words_per_caption])
+def gallery_inputs(ctx: JobContext, run, pae_bytes: bytes, det_weights: str | None) -> GalleryInputs:
+    """Gallery dataset → features (extracted when missing) → μ per image (Ray Data)."""
+    cfg = ctx.cfg
+    require_gallery(cfg)
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    gallery = ensure_dataset(ctx, cfg.gallery, run.run_id)
+    if gallery.get("captions") is None:
+        raise GalleryError(f"gallery {cfg.gallery.name}: the dataset has no captions")
+    t["dataset"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fsum = run_extraction(cfg, ctx.store, cfg.gallery.name, gallery["images"], None, det_weights, tracker=run)
+    t["features"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frel = features_rel(cfg.gallery.name, cfg.detector)
+    if not ctx.store.part_uris(frel):
+        raise GalleryError(f"gallery {cfg.gallery.name}: no image has region features ({ctx.store.uri(frel)})")
+    ds = features_dataset(ctx.store, frel, MU_COLUMNS)
+    mu = image_representations(ds, pae_bytes, num_gpus=1 if cluster_gpus() else 0)
+    t["mu"] = time.perf_counter() - t0
+    ok = set(mu.column("image_id").to_pylist())
+    order = gallery_order(gallery["images"], gallery["captions"], ok, cfg.gallery.name)
+    if order.dropped_images:
+        logger.warning("gallery %s: %d images have no features (see the features' _errors) and are left out",
+                       cfg.gallery.name, order.dropped_images)
+    where = {x: i for i, x in enumerate(mu.column("image_id").to_pylist())}
+    mu = mu.take(pa.array([where[x] for x in order.image_ids], pa.int64()))
+    return GalleryInputs(order=order, mu=mu, dataset=gallery, features=fsum, timings=t)
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.where(n > 0, x / np.maximum(n, 1e-12), 0.0).astype(np.float32)
-
-
-def gallery_scores(image_mu: np.ndarray, image_mask: np.ndarray, cw: CaptionWords, normalize: bool,
-                   pooling: str = "max-mean", prototypes: np.ndarray | None = None) -> np.ndarray:
-    """(N_images, N_captions) similarity of eq. 10 (or the global-mean ablation)."""
-    from mask.scoring import score_matrix
-
-    protos = cw.prototypes if prototypes is None else prototypes
-    mu = image_mu
-    if normalize:
-        mu, protos = _normalise(image_mu), _normalise(protos)
-    return score_matrix(mu, image_mask, cw.caption_words, protos, pooling=pooling)
-
-
-def chance_recall(n_images: int, captions_per_image: int = 5) -> dict[str, float]:
-    """Expected R@K of a random ranking (percent)."""
-    out = {}
-    n_caps = n_images * captions_per_image
-    for k in (1, 5, 10):
-        out[f"t2i_r{k}"] = 100.0 * min(k, n_images) / n_images
-        # image→text hits if any of its captions is in the top k of n_caps
-        miss = 1.0
-        for j in range(min(k, n_caps)):
-            miss *= (n_caps - captions_per_image - j) / (n_caps - j)
-        out[f"i2t_r{k}"] = 100.0 * (1.0 - max(miss, 0.0))
-    out["rsum"] = sum(out.values())
-    return out
-
-
-def evaluate(cfg: MaskConfig, table, image_ids: list[str], mu_table: pa.Table, captions: pa.Table,
-             rng_seed: int = 0) -> dict[str, Any]:
-    """MASK and its ablations on one gallery; returns {variant: metrics} plus coverage.
-
-    Captions are grouped by image in the order of ``image_ids`` (5 per image in the standard splits).
-    """
-    from mask.metrics import recall_at_k
-    from mask.pipeline.represent import padded_mu
-
-    cap_img = captions.column("image_id").to_pylist()
-    texts = captions.column("text").to_pylist()
-    pos = {x: i for i, x in enumerate(image_ids)}
-    order = sorted(range(len(cap_img)), key=lambda j: (pos[cap_img[j]], j))
-    texts = [texts[j] for j in order]
-    caption_to_image = np.asarray([pos[cap_img[j]] for j in order])
-    mu, mask = padded_mu(mu_table, image_ids)
-    cw = map_captions(cfg, table, texts)
-    sc = cfg.scoring
-    results: dict[str, Any] = {"coverage": cw.coverage}
-
-    def metrics(sim: np.ndarray) -> dict[str, float]:
-        return recall_at_k(sim, caption_to_image=caption_to_image)
-
-    results["mask"] = metrics(gallery_scores(mu, mask, cw, sc.normalize, sc.pooling))
-    if cfg.knowledge.ood_method != "none":
-        cw_no = map_captions(cfg, table, texts, ood_method="none")
-        results["mask_without_ood"] = metrics(gallery_scores(mu, mask, cw_no, sc.normalize, sc.pooling))
-    if cw.samples is not None:
-        results["without_prototypes"] = metrics(
-            gallery_scores(mu, mask, cw, sc.normalize, sc.pooling, prototypes=cw.samples))
-    results["without_max_mean"] = metrics(gallery_scores(mu, mask, cw, sc.normalize, "mean"))
-    results["chance"] = chance_recall(len(image_ids), max(1, round(len(texts) / max(len(image_ids), 1))))
-    return results
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """Paper-style Markdown table (Table 1 columns: image retrieval = t2i, annotation = i2t)."""
-    cols = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "rsum"]
-    head = "| variant | IR R@1 | IR R@5 | IR R@10 | IA R@1 | IA R@5 | IA R@10 | Rs |"
-    lines = [head, "|" + "---|" * 8]
+def evaluate_gallery(ctx: JobContext, table, pae_bytes: bytes, det_weights: str | None, run) -> dict[str, Any]:
+    """Gallery features (detected boxes) → μ → MASK and ablations → R@K table (logged to MLflow)."""
+    g = gallery_inputs(ctx, run, pae_bytes, det_weights)
+    o = g.order
+    captions = pa.table({"caption_id": o.caption_ids, "image_id": o.caption_image, "text": o.texts})
+    results = evaluate(ctx.cfg, table, o.image_ids, g.mu, captions)
+    md = format_table(results)
     for name, m in results.items():
-        if not isinstance(m, dict) or "rsum" not in m:
-            continue
-        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.1f}" for c in cols) + " |")
-    return "\n".join(lines)
+        if isinstance(m, dict) and "rsum" in m:
+            run.log_metrics({f"{name}.{k}": float(v) for k, v in m.items()})
+    run.log_metrics({f"coverage.{k}": float(v) for k, v in results["coverage"].items()})
+    run.log_text(md, "evaluation.md")
+    return {"gallery": ctx.cfg.gallery.name, "images": len(o.image_ids), "features": g.features, "table": md,
+            **results}
+
+
+PROTOCOLS = ("all", "flickr30k-1k", "coco-5k", "coco-5fold-1k")
+
+
+def protocol_metrics(sim: np.ndarray, caption_to_image: np.ndarray, protocol: str,
+                     t2i_similarity: np.ndarray | None = None) -> dict[str, float]:
+    """R@K by an evaluation protocol: ``all`` (any gallery), ``flickr30k-1k`` (the 1000-image test),
+    ``coco-5k`` (5000 images), ``coco-5fold-1k`` (mean over 5 folds of 1000).
+
+    Raises:
+        GalleryError: an unknown protocol, or a gallery that does not fit it (COCO needs 5 captions
+            per image in image order).
+    """
+    if protocol not in PROTOCOLS:
+        raise GalleryError(f"--protocol {protocol!r}: expected one of {PROTOCOLS}")
+    n = sim.shape[0]
+    if protocol in ("all", "flickr30k-1k"):
+        if protocol == "flickr30k-1k" and n != 1000:
+            logger.warning("protocol flickr30k-1k: the gallery has %d images (the Flickr30K test has 1000)", n)
+        return recall_at_k(sim, caption_to_image=caption_to_image, t2i_similarity=t2i_similarity)
+    if not np.array_equal(caption_to_image, np.arange(sim.shape[1]) // 5) or sim.shape[1] != 5 * n:
+        raise GalleryError(f"--protocol {protocol}: needs exactly 5 captions per image in image order; the "
+                           f"gallery has {n} images and {sim.shape[1]} captions")
+    if protocol == "coco-5k":
+        return coco_5k(sim, 5, t2i_similarity=t2i_similarity)
+    return coco_5fold_1k(sim, 5, t2i_similarity=t2i_similarity)
+
+
+def evaluate_job(cfg: MaskConfig, index_ref: str | None = None, scores_path: str | None = None,
+                 protocol: str = "all") -> dict[str, Any]:
+    """R@1/5/10 both ways and Rs for a committed index, or a dense score file in the gallery order.
+
+    Args:
+        cfg: the config (storage, tracking, gallery).
+        index_ref: index path (under the storage root); None = the newest index of ``cfg.gallery``.
+        scores_path: a dense ``.npy`` (N, T) in the index's order; None = the index's MASK scores.
+        protocol: one of :data:`PROTOCOLS`.
+
+    Returns:
+        ``{"index", "protocol", "metrics", "table", "mlflow"}``.
+    """
+    if protocol not in PROTOCOLS:
+        raise GalleryError(f"--protocol {protocol!r}: expected one of {PROTOCOLS}")
+    ctx = JobContext.from_config(cfg)
+    store = ctx.store
+    rel = find_index(cfg, store, index_ref)
+    captions = read_index_file(store, rel, "captions.parquet")
+    images = read_index_file(store, rel, "images.parquet")
+    c2i = np.asarray(captions.column("image_position").to_pylist(), np.int64)
+    rows: dict[str, dict[str, float]] = {}
+    if scores_path is not None:
+        base = load_base_scores(scores_path, images.column("image_id").to_pylist(),
+                                captions.column("caption_id").to_pylist(), cfg.storage.options)
+        rows[os.path.basename(scores_path)] = protocol_metrics(base.matrix, c2i, protocol)
+    else:
+        if has_file(store, rel, DENSE_FILE) or has_file(store, rel, "word_scores.npy"):
+            rows["MASK"] = protocol_metrics(index_dense(cfg, store, rel), c2i, protocol)
+        elif protocol == "all":
+            t2i = read_index_file(store, rel, "t2i_topk.parquet")
+            i2t = read_index_file(store, rel, "i2t_topk.parquet")
+            ipos = {x: i for i, x in enumerate(images.column("image_id").to_pylist())}
+            cpos = {x: i for i, x in enumerate(captions.column("caption_id").to_pylist())}
+            rows["MASK"] = recall_from_topk(np.asarray([[ipos[x] for x in r] for r in t2i.column("ids").to_pylist()]),
+                                            np.asarray([[cpos[x] for x in r] for r in i2t.column("ids").to_pylist()]),
+                                            c2i)
+        else:
+            raise GalleryError(f"index {store.uri(rel)} keeps no dense matrix; --protocol {protocol} needs one")
+        for r in store.list(f"{rel}/rerank"):
+            rm = read_index_file(store, f"{rel}/rerank/{r}", "metrics.json") \
+                if store.manifest(f"{rel}/rerank/{r}") else None
+            if rm and protocol == "all":
+                rows[f"base ({r})"] = rm["before"]
+                rows[f"base + MASK ({r}, α={rm['alpha']:g}, k={rm['k']})"] = rm["after"]
+    table = markdown_table(rows)
+    with job_run(ctx, "evaluate", params={"index": store.uri(rel), "protocol": protocol, "scores": scores_path or ""},
+                 ray=False) as run:
+        for name, mt in rows.items():
+            run.log_metrics({f"{_metric_key(name)}.{k}": v for k, v in mt.items()})
+        run.log_text(table, f"evaluation_{protocol}.md")
+        return {"index": store.uri(rel), "protocol": protocol, "metrics": rows, "table": table,
+                "mlflow": {"run_id": run.run_id}}
+
+
+def _metric_key(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("_")[:60] or "row"

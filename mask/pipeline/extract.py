@@ -10,7 +10,7 @@ rerun resumes from them.
 
 Fault tolerance is Ray's own: a detector actor that dies is restarted (``detector.max_restarts``)
 and its in-flight batches are retried on the new actor (``max_task_retries``); decode and write
-tasks are retried by Ray's task retries.  Tests kill an actor through :data:`FAULT_ENV`.
+tasks are retried by Ray's task retries.  Tests kill an actor through :mod:`mask.faults` (``detect_batch``).
 
 On CPU-only clusters each detector actor reserves one CPU in Ray (so decode and write tasks keep
 CPUs to run on), but runs torch with ``detector.cpu_threads`` threads (default: the cluster's CPUs
@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 import warnings
@@ -38,17 +37,15 @@ import numpy as np
 import pyarrow as pa
 
 from mask.config import DetectorConfig, MaskConfig
-from mask.storage import Store, fingerprint
+from mask.faults import driver_spec, exit_point
+from mask.features.extractor import RegionExtractor, spec_from_config
+from mask.features.images import ImageError, decode_image, resize_for_detector
+from mask.pipeline.identity import extractor_name, features_rel
+from mask.pipeline.runtime import cluster_gpus
+from mask.storage import Store
 
 logger = logging.getLogger(__name__)
 
-#: Read by the driver (fault tests only): ``detect_batch:<n>:<marker path>`` makes a detector actor
-#: exit hard (``os._exit``) at its n-th batch, once (the marker file records that it fired).
-FAULT_ENV = "MASK_FAULT_INJECT"
-
-#: Detector fields that change how extraction runs, never what it produces (images are batched by
-#: equal shape without padding, RoI chunks do not change results): left out of the artifact name.
-EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "cpu_threads", "max_restarts", "device", "roi_chunk"})
 
 FEATURES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -76,17 +73,6 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
-def extractor_name(det: DetectorConfig) -> str:
-    """Folder name of a detector configuration: readable prefix + hash of every field that shapes the
-    features (not :data:`EXECUTION_FIELDS`, so a rerun with another batch size or actor count resumes)."""
-    h = fingerprint(det.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)))[:10]
-    return f"{det.backend}-r{det.depth}-{det.mode}-{h}"
-
-
-def features_rel(dataset: str, det: DetectorConfig) -> str:
-    return f"features/{dataset}/{extractor_name(det)}"
-
-
 def _batch_part_name(image_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:24]
 
@@ -97,8 +83,6 @@ def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
 
     Failures become error rows (``stage``, ``error``, ``message``), never exceptions.
     """
-    from mask.features.extractor import spec_from_config
-    from mask.features.images import ImageError, decode_image, resize_for_detector
 
     det = DetectorConfig.model_validate(det_cfg)
     pixel_mean = spec_from_config(det).pixel_mean_bgr
@@ -128,8 +112,6 @@ def read_uri(uri: str, options: dict[str, Any]) -> bytes:
     """Bytes of a local path or URI; a missing or unreadable file raises ImageError (stage ``read``)."""
     import fsspec
 
-    from mask.features.images import ImageError
-
     try:
         with fsspec.open(uri, "rb", **(options if uri.startswith("s3://") else {})) as f:
             return f.read()
@@ -146,19 +128,6 @@ def _object_array(items: list) -> np.ndarray:
     return arr
 
 
-def _maybe_inject_fault(batch_no: int, spec: str) -> None:
-    """Fault injection for the tests: ``detect_batch:<n>:<marker>`` kills this actor once at its n-th batch."""
-    if not spec.startswith("detect_batch:"):
-        return
-    from pathlib import Path
-
-    _, at, marker = spec.split(":", 2)
-    if int(at) == batch_no and not Path(marker).exists():
-        Path(marker).write_text("fired")
-        logger.warning("fault injection: killing this detector actor at its batch %d", batch_no)
-        os._exit(1)
-
-
 class DetectStage:
     """Actor stage: one detector per actor, batched forward over the decoded images.
 
@@ -166,14 +135,12 @@ class DetectStage:
         det_cfg: the detector config (dumped).
         weights: (storage root, options, artifact) of committed detector weights, or None.
         cpu_threads: torch threads of this actor (None: leave torch's/Ray's setting).
-        fault: a :data:`FAULT_ENV` spec (tests), or "".
+        fault: a :mod:`mask.faults` spec (tests), or "".
     """
 
     def __init__(self, det_cfg: dict[str, Any], weights: tuple[str, dict, str] | None,
                  cpu_threads: int | None = None, fault: str = ""):
         import torch
-
-        from mask.features.extractor import RegionExtractor
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
@@ -189,7 +156,7 @@ class DetectStage:
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         self.batches += 1
-        _maybe_inject_fault(self.batches, self.fault)
+        exit_point("detect_batch", self.batches, self.fault)
         n = len(batch["image_id"])
         ok = [i for i in range(n) if not batch["error"][i]]
         results: dict[int, dict] = {}
@@ -361,8 +328,6 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
     """
     import ray
 
-    from mask.pipeline.runtime import cluster_gpus
-
     det = det or cfg.detector
     rel = features_rel(dataset, det)
     done = committed_image_ids(store, rel)
@@ -408,7 +373,7 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
             # remote-args kwargs that carry them are deprecated (removal announced for Ray 2.64).
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
             ds = ds.map_batches(DetectStage,
-                                fn_constructor_args=(det.model_dump(), weights, threads, os.environ.get(FAULT_ENV, "")),
+                                fn_constructor_args=(det.model_dump(), weights, threads, driver_spec()),
                                 batch_size=bs, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
                                 compute=ray.data.ActorPoolStrategy(size=n_actors), **retries)
         ds = ds.map_batches(write_batch, fn_kwargs={"root": cfg.storage.root, "options": cfg.storage.options,

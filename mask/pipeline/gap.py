@@ -8,9 +8,13 @@ trained module can call :func:`mask.alignment.gap_measures` directly.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
+from mask.alignment import AlignmentInputError, gap_measures, mtm_from_state
+from mask.knowledge_artifact import INFO_FILE
+from mask.pipeline.train import MODEL_FILE
 from mask.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -24,7 +28,6 @@ def read_checkpoint_state(store: Store, checkpoint_uri: str) -> dict[str, Any]:
     """
     from safetensors.torch import load
 
-    from mask.pipeline.train import MODEL_FILE
 
     path = checkpoint_uri[len("s3://"):] if checkpoint_uri.startswith("s3://") else checkpoint_uri
     fs = store.pyarrow_filesystem()
@@ -38,9 +41,7 @@ def read_checkpoint_state(store: Store, checkpoint_uri: str) -> dict[str, Any]:
 
 def knowledge_checkpoint(store: Store, krel: str) -> str | None:
     """The training checkpoint a committed knowledge version was built from (its ``knowledge.json`` lineage)."""
-    import json
 
-    from mask.knowledge_artifact import INFO_FILE
 
     try:
         info = json.loads(store.read_file(krel, INFO_FILE))
@@ -52,7 +53,6 @@ def knowledge_checkpoint(store: Store, krel: str) -> str | None:
 
 def gap_from_checkpoint(store: Store, checkpoint_uri: str, table, num_heads: int, seed: int = 0) -> dict[str, float]:
     """``gap.*`` measures of the checkpoint's MTM on a knowledge table (:func:`mask.alignment.gap_measures`)."""
-    from mask.alignment import gap_measures, mtm_from_state
 
     mtm = mtm_from_state(read_checkpoint_state(store, checkpoint_uri), num_heads)
     return gap_measures(table, mtm, seed=seed)
@@ -67,7 +67,6 @@ def log_gap_measures(store: Store, cfg, table, checkpoint_uri: str | None, run) 
     Returns:
         The ``gap.*`` metrics (empty when skipped).
     """
-    from mask.alignment import AlignmentInputError
 
     try:
         if not checkpoint_uri:

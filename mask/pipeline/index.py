@@ -27,6 +27,7 @@ import datetime as _dt
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,25 +38,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mask.config import MaskConfig
-from mask.errors import MaskError
+from mask.evaluation import map_captions, padded_mu
 from mask.faults import kill_point
-from mask.metrics import KEYS
-from mask.pipeline.runtime import JobContext
+from mask.metrics import KEYS, recall_at_k
+from mask.pipeline.extract import run_extraction
+from mask.pipeline.identity import INDEX_LAYOUT, extractor_name, features_rel, index_root, mu_rel, score_hash
+from mask.pipeline.represent import MuStage, image_representations, mu_table
+from mask.pipeline.runtime import JobContext, cluster_gpus
+from mask.pipeline.steps import MU_COLUMNS, GalleryError, features_dataset
+from mask.scoring import GalleryScorer, WordScoreReuse, normalize_rows, reuse_word_scores
 from mask.storage import Store, fingerprint
 
 logger = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
-# 2: μ in the shared _mu/ artifact, words.parquet + word_scores.npy per version (1: μ parts in the version)
-INDEX_LAYOUT = 2
-MU_DIR = "_mu"
 LEASE_DIR = "_lease"
 WORD_SCORES = "word_scores.npy"
 DENSE_FILE = "scores.npy"
-
-
-class GalleryError(MaskError, ValueError):
-    """A gallery, index or knowledge that cannot be used; the message names it."""
 
 
 @dataclass
@@ -137,31 +136,7 @@ def recall_from_topk(t2i_top: np.ndarray, i2t_top: np.ndarray, caption_to_image:
     return out
 
 
-def index_root(gallery: str) -> str:
-    return f"indexes/{gallery}"
-
-
 # ---------------------------------------------------------------- hashes
-
-
-def score_hash(cfg: MaskConfig, knowledge) -> str:
-    """What the per-word terms depend on: knowledge, features, scoring maths, parser, vectors, OOD."""
-    from mask.pipeline.extract import extractor_name
-
-    sc = cfg.scoring
-    data = cfg.model_dump(mode="json")
-    return fingerprint({"knowledge": [knowledge.uri, knowledge.config_hash], "features": extractor_name(cfg.detector),
-                        "scoring": [sc.normalize, sc.pooling, sc.prototypes], "text": data["text"],
-                        "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m]})[:16]
-
-
-def mu_rel(cfg: MaskConfig, knowledge) -> str:
-    """The μ artifact of this (knowledge, features) pair for the config's gallery."""
-    from mask.pipeline.extract import extractor_name
-
-    h = fingerprint({"knowledge": [knowledge.uri, knowledge.config_hash],
-                     "features": extractor_name(cfg.detector)})[:16]
-    return f"{index_root(cfg.gallery.name)}/{MU_DIR}/m-{h}"
 
 
 # ---------------------------------------------------------------- small file helpers
@@ -257,8 +232,6 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
     Returns:
         ``{"computed", "reused", "where", "seconds"}``.
     """
-    from mask.pipeline.represent import MuStage, image_representations, mu_table
-    from mask.pipeline.runtime import cluster_gpus
 
     t0 = time.perf_counter()
     store = ctx.store
@@ -267,7 +240,7 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
     out = {"computed": len(need), "reused": len(image_ids) - len(need), "where": "none", "seconds": 0.0}
     if not need:
         return out
-    cols = ["image_id", "features", "num_boxes", "feature_dim"]
+    cols = MU_COLUMNS
     if len(need) <= ctx.cfg.index.local_max_images:
         feats = read_rows(store, frel, need, columns=cols)
         if feats is None:
@@ -279,10 +252,7 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
         table = mu_table(batches)
         out["where"] = "driver"
     else:
-        import ray.data
-
-        paths = [u[len("s3://"):] if u.startswith("s3://") else u for u in store.part_uris(frel)]
-        ds = ray.data.read_parquet(paths, filesystem=store.pyarrow_filesystem(), partitioning=None).select_columns(cols)
+        ds = features_dataset(store, frel, cols)
         table = image_representations(ds, pae_bytes, num_gpus=1 if cluster_gpus() else 0, keep_ids=need)
         out["where"] = "ray-data"
     got = set(table.column("image_id").to_pylist())
@@ -366,7 +336,6 @@ def caption_vocabulary(cfg: MaskConfig, table, texts: list[str], caption_ids: li
                        live: LiveIndex | None) -> CaptionVocabulary:
     """Caption words → one vocabulary with prototypes (knowledge rows / OOD eq. 11–13); captions whose
     id and text the live index already has keep its parse and its prototypes."""
-    from mask.pipeline.evaluate import map_captions
 
     reuse: dict[str, tuple[list[str], list[str]]] = {}
     protos: dict[str, tuple[str, np.ndarray]] = {}
@@ -437,18 +406,14 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
     Args:
         ctx: job context (config, store).
         run: the MLflow run (or NullRun).
-        knowledge: a :class:`mask.pipeline.gallery.ResolvedKnowledge`.
-        gallery: :func:`mask.pipeline.build.ensure_dataset` tables of the gallery.
+        knowledge: a :class:`mask.pipeline.steps.ResolvedKnowledge`.
+        gallery: :func:`mask.pipeline.steps.ensure_dataset` tables of the gallery.
         version: the version name to commit (``indexes/<gallery>/<version>``).
         det_weights: committed detector weights for feature extraction (None: ``detector.weights``).
         live: a committed version to reuse from (per-word terms of unchanged images and words, caption
             parses); None = from scratch (features and μ are still reused from their artifacts).
         keep_dense: return the dense matrix even when it is too large to store.
     """
-    from mask.metrics import recall_at_k
-    from mask.pipeline.extract import extractor_name, features_rel, run_extraction
-    from mask.pipeline.represent import padded_mu
-    from mask.scoring import GalleryScorer, normalize_rows, pooled_word_scores
 
     cfg, store = ctx.cfg, ctx.store
     name = cfg.gallery.name
@@ -493,10 +458,8 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
         raise GalleryError("internal: the caption vocabulary has unused words")  # by construction it cannot
     live_ws = live.word_scores if reusable and live.word_scores is not None and live.words is not None else None
     live_rows = {x: i for i, x in enumerate(live.images.column("image_id").to_pylist())} if live_ws is not None else {}
-    live_cols = {w: i for i, w in enumerate(live.words.column("word").to_pylist())} if live_ws is not None else {}
-    old_cols = np.asarray([j for j, w in enumerate(voc.words) if w in live_cols], np.int64)
-    new_cols = np.asarray([j for j, w in enumerate(voc.words) if w not in live_cols], np.int64)
-    src_cols = np.asarray([live_cols[voc.words[j]] for j in old_cols], np.int64)
+    reuse_cols = WordScoreReuse.between(voc.words, live.words.column("word").to_pylist() if live_ws is not None else [])
+    new_cols = reuse_cols.new_cols
     computed_rows = computed_cells = 0
     chunk = max(1, cfg.scoring.image_chunk)
 
@@ -513,25 +476,14 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
             computed_rows += len(ids)
             computed_cells += len(ids) * v
             continue
-        ws = np.zeros((len(ids), v), np.float32)
-        old = np.asarray([x in live_rows for x in ids], bool)
+        prev_rows = np.asarray([live_rows.get(x, -1) for x in ids], np.int64)
+        old = prev_rows >= 0
         need = ~old | (old & bool(new_cols.size))  # rows that need μ: new images; all when words are new
-        if need.any():  # one read of μ for this chunk
-            m_all, mask_all = mu_of([x for x, k in zip(ids, need, strict=True) if k])
-            at = {j: i for i, j in enumerate(np.flatnonzero(need))}
-        if old.any():
-            rows = np.asarray([live_rows[x] for x, o in zip(ids, old, strict=True) if o], np.int64)
-            ws[np.ix_(old, old_cols)] = live_ws[np.ix_(rows, src_cols)]
-            if new_cols.size:  # new words for unchanged images
-                sel = [at[j] for j in np.flatnonzero(old)]
-                ws[np.ix_(old, new_cols)] = pooled_word_scores(m_all[sel], mask_all[sel], protos[new_cols],
-                                                               pooling=cfg.scoring.pooling)
-                computed_cells += len(sel) * new_cols.size
-        if (~old).any():  # new images: every word
-            sel = [at[j] for j in np.flatnonzero(~old)]
-            ws[~old] = pooled_word_scores(m_all[sel], mask_all[sel], protos, pooling=cfg.scoring.pooling)
-            computed_rows += len(sel)
-            computed_cells += len(sel) * v
+        m_all, mask_all = mu_of([x for x, k in zip(ids, need, strict=True) if k]) if need.any() else (None, None)
+        ws, rows_full, cells = reuse_word_scores(m_all, mask_all, need, prev_rows, live_ws, reuse_cols, protos,
+                                                 pooling=cfg.scoring.pooling)
+        computed_rows += rows_full
+        computed_cells += cells
         scorer.add_word_scores(np.asarray(ids, object), ws, ok)
     res = scorer.result()
     timings["scoring"] = time.perf_counter() - t0
@@ -616,7 +568,7 @@ def _write_version(store: Store, rel: str, version: str, order, boxes: dict[str,
 
 
 def index_order(store: Store, rel: str):
-    """The :class:`mask.pipeline.gallery.GalleryOrder` a committed index uses."""
+    """The :class:`mask.pipeline.index.GalleryOrder` a committed index uses."""
     images = read_index_file(store, rel, "images.parquet")
     captions = read_index_file(store, rel, "captions.parquet")
     return GalleryOrder(image_ids=images.column("image_id").to_pylist(),
@@ -629,7 +581,6 @@ def index_order(store: Store, rel: str):
 def index_dense(cfg: MaskConfig, store: Store, rel: str) -> np.ndarray:
     """The MASK (N, T) matrix of a committed index: ``scores.npy``, else from ``word_scores.npy`` (one
     sparse product), else recomputed from μ."""
-    from mask.scoring import GalleryScorer, normalize_rows
 
     if has_file(store, rel, DENSE_FILE):
         return read_index_file(store, rel, DENSE_FILE)
@@ -648,10 +599,42 @@ def index_dense(cfg: MaskConfig, store: Store, rel: str) -> np.ndarray:
     if has_file(store, rel, WORD_SCORES):
         scorer.add_word_scores(np.asarray(ids, object), read_index_file(store, rel, WORD_SCORES), ok)
         return scorer.result().dense
-    from mask.pipeline.represent import padded_mu
 
     for i0 in range(0, len(ids), sc.image_chunk):
         chunk = ids[i0:i0 + sc.image_chunk]
         m, mask = padded_mu(read_mu(store, info["mu"], chunk), chunk)
         scorer.add(np.asarray(chunk, object), normalize_rows(m) if sc.normalize else m, mask)
     return scorer.result().dense
+
+
+def find_index(cfg: MaskConfig, store: Store, ref: str | None) -> str:
+    """An index reference (path under the root, or absolute/URI under it) → its relative path.
+
+    None: the live version (``indexes/<gallery>/CURRENT``), else the newest committed version.
+
+    Raises:
+        GalleryError: nothing committed there (named).
+    """
+    if ref is None:
+        if cfg.gallery is None:
+            raise GalleryError("no --index given and the config names no gallery")
+        base = index_root(cfg.gallery.name)
+        cur = read_current(store, cfg.gallery.name)
+        if cur is not None:
+            if store.manifest(f"{base}/{cur['version']}") is None:
+                raise GalleryError(f"{store.uri(base, 'CURRENT')} points at {cur['version']}, which is not committed")
+            return f"{base}/{cur['version']}"
+        found = [(m.get("created_at", ""), f"{base}/{v}") for v in store.list(base)
+                 if not v.startswith("_") and v != "CURRENT" and (m := store.manifest(f"{base}/{v}")) is not None]
+        if not found:
+            raise GalleryError(f"no committed index under {store.uri(base)}; run jobs/score_gallery.py first")
+        return max(found)[1]
+    ref = ref.rstrip("/")
+    root = store.root.rstrip("/")
+    if ref.startswith(root + "/"):
+        ref = ref[len(root) + 1:]
+    elif "://" in ref or os.path.isabs(ref):
+        raise GalleryError(f"index {ref}: not under the storage root {root}")
+    if store.manifest(ref) is None:
+        raise GalleryError(f"index {store.uri(ref)} does not exist (no committed manifest)")
+    return ref

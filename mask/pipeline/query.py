@@ -25,7 +25,14 @@ import torch
 
 from mask.config import MaskConfig
 from mask.errors import MaskError
+from mask.evaluation import padded_mu
+from mask.knowledge import build_prototypes_for
+from mask.pipeline.index import find_index, read_index_file, read_mu
+from mask.pipeline.steps import resolve_and_load_knowledge
+from mask.scoring import _fill_padding, fill_score, index_captions, normalize_rows, topk
 from mask.storage import Store
+from mask.text import ContentWordParser
+from mask.vectors import load_vectors, vectors_for
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +58,6 @@ class QueryEngine:
 
     def __init__(self, cfg: MaskConfig, table, mu: pa.Table, image_ids: list[str], caption_ids: list[str],
                  caption_texts: list[str], caption_words: list[list[str]], parser=None, kv=None):
-        from mask.knowledge import build_prototypes_for
-        from mask.pipeline.represent import padded_mu
-        from mask.scoring import _fill_padding, index_captions, normalize_rows
-        from mask.text import ContentWordParser
-        from mask.vectors import load_vectors, vectors_for
 
         self.cfg = cfg
         self.table = table
@@ -92,8 +94,6 @@ class QueryEngine:
     @classmethod
     def from_index(cls, cfg: MaskConfig, store: Store, rel: str, **kw) -> QueryEngine:
         """Load a committed index (``indexes/<gallery>/<version>``) and its knowledge."""
-        from mask.pipeline.gallery import read_index_file, resolve_and_load_knowledge
-        from mask.pipeline.index import read_mu
 
         info = read_index_file(store, rel, "index.json")
         knowledge = resolve_and_load_knowledge(cfg, store, info["knowledge_uri"])
@@ -112,8 +112,6 @@ class QueryEngine:
         Returns:
             ([{"word", "source" (knowledge / ood / missing)}], (W, Z) prototypes of the non-missing words).
         """
-        from mask.knowledge import build_prototypes_for
-        from mask.scoring import normalize_rows
 
         if not isinstance(text, str):
             raise QueryError(f"query text: expected a str, got {type(text).__name__}")
@@ -132,7 +130,6 @@ class QueryEngine:
         Returns:
             ``{"query", "words", "results": [{"image_id", "score"}], "seconds"}``.
         """
-        from mask.scoring import fill_score, topk
 
         t0 = time.perf_counter()
         words, p = self.words(text)
@@ -160,7 +157,6 @@ class QueryEngine:
         Raises:
             QueryError: the image is not in the index.
         """
-        from mask.scoring import fill_score, topk
 
         t0 = time.perf_counter()
         i = self._image_pos.get(str(image_id))
@@ -190,7 +186,6 @@ def query_job(cfg: MaskConfig, index_ref: str | None, texts: list[str], images: 
     Returns:
         ``{"index", "load_seconds", "text": [...], "image": [...]}`` (see the QueryEngine methods).
     """
-    from mask.pipeline.gallery import find_index
 
     store = Store(cfg.storage.root, cfg.storage.options)
     rel = find_index(cfg, store, index_ref)

@@ -26,10 +26,20 @@ import logging
 import time
 from typing import Any
 
-from mask import tracking
 from mask.config import MaskConfig
 from mask.faults import kill_point
-from mask.pipeline.runtime import JobContext
+from mask.lease import Lease, LeaseBusy
+from mask.pipeline.identity import index_root, index_version
+from mask.pipeline.index import (
+    LEASE_DIR,
+    LiveIndex,
+    build_index,
+    read_current,
+    read_index_file,
+    switch_current,
+)
+from mask.pipeline.runtime import JobContext, job_run
+from mask.pipeline.steps import ensure_dataset, gallery_detector, require_gallery, resolve_and_load_knowledge
 
 logger = logging.getLogger(__name__)
 
@@ -45,27 +55,7 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
         GalleryError: no gallery configured, an unreadable CURRENT.
         KnowledgeError / KnowledgeNotFound: the knowledge reference names nothing committed.
     """
-    from mask.lease import Lease, LeaseBusy
-    from mask.pipeline.build import ensure_dataset
-    from mask.pipeline.gallery import (
-        GalleryError,
-        gallery_detector,
-        index_version,
-        resolve_and_load_knowledge,
-    )
-    from mask.pipeline.index import (
-        LEASE_DIR,
-        LiveIndex,
-        build_index,
-        index_root,
-        read_current,
-        read_index_file,
-        switch_current,
-    )
-    from mask.pipeline.runtime import init_ray
-
-    if cfg.gallery is None:
-        raise GalleryError("the config names no gallery (set gallery.name / gallery.kind / gallery.path)")
+    require_gallery(cfg)
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     name = cfg.gallery.name
@@ -80,10 +70,8 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
         return {"status": "busy", "gallery": name, "reason": str(e)}
     try:
         kill_point("reindex.after_lease")
-        init_ray(cfg)
-        uri = tracking.tracking_uri(cfg.tracking, store.root)
-        with tracking.start_run(cfg.tracking, store.root, "reindex", params=cfg.flat(),
-                                tags={"job": "reindex", "gallery": name, "knowledge_uri": knowledge.uri}) as run:
+        uri = ctx.tracking_uri
+        with job_run(ctx, "reindex", tags={"gallery": name, "knowledge_uri": knowledge.uri}) as run:
             t_all = time.perf_counter()
             t0 = time.perf_counter()
             gal = ensure_dataset(ctx, cfg.gallery, run.run_id)

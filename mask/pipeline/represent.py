@@ -11,12 +11,17 @@ region representations μ (eq. 1/3, the mean of the PAE's distribution).  Two us
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
+
+from mask.knowledge import PrototypeAccumulator
+from mask.models import load_pae
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +32,9 @@ class MuStage:
     def __init__(self, pae_bytes: bytes, word_index: dict[str, int] | None = None,
                  region_words: dict[str, list[str]] | None = None, mode: str = "images", seed: int = 0,
                  keep_ids: list[str] | None = None, threads: int | None = None):
-        from mask.models import load_pae
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if threads and self.device.type == "cpu":  # Ray pins an actor's torch to 1 thread otherwise
-            import os
-
             torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
         self.pae = load_pae(pae_bytes).to(self.device).eval()
         self.mode = mode
@@ -107,7 +109,6 @@ class MuStage:
 
 
 def _sample_key(seed: int, region_id: str, word: int) -> int:
-    import hashlib
 
     h = hashlib.blake2b(f"{seed}|{region_id}|{word}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
@@ -119,7 +120,6 @@ def knowledge_pass(features_ds, pae_bytes: bytes, word_index: dict[str, int],
     """Eq. 2 over every VG region in one streaming pass; returns a merged PrototypeAccumulator.
 
     ``threads``: torch threads per CPU actor (None: the cluster's CPUs / ``concurrency``)."""
-    from mask.knowledge import PrototypeAccumulator
 
     acc = PrototypeAccumulator(len(word_index), latent_dim, seed=seed)
     threads = _cpu_threads(threads, concurrency, num_gpus)
@@ -171,26 +171,3 @@ def mu_table(batches) -> pa.Table:
                      "latent_dim": pa.array(rows["latent_dim"], pa.int32())})
 
 
-def padded_mu(table: pa.Table, image_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """μ rows in the order of ``image_ids`` → (N, R, Z) and mask (N, R) (one flat copy out of Arrow,
-    no per-row Python lists)."""
-    index = {x: i for i, x in enumerate(table.column("image_id").to_pylist())}
-    missing = [x for x in image_ids if x not in index]
-    if missing:
-        raise KeyError(f"no region representations for {len(missing)} images, e.g. {missing[:3]}")
-    z = int(table.column("latent_dim")[0].as_py()) if table.num_rows else 0
-    counts = np.asarray(table.column("num_boxes").to_numpy(zero_copy_only=False), np.int64)
-    col = table.column("mu").combine_chunks() if table.num_rows else None
-    flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32) if col is not None else None
-    offsets = np.asarray(col.offsets.to_numpy(), np.int64) if col is not None else None
-    starts = offsets[:-1] - offsets[0] if col is not None else None  # flatten() starts at the first offset
-    rows = np.asarray([index[x] for x in image_ids], np.int64)
-    r = int(max(counts[rows].max(initial=0), 1)) if rows.size else 1
-    out = np.zeros((len(image_ids), r, z), np.float32)  # (N, R, Z)
-    mask = np.zeros((len(image_ids), r), bool)  # (N, R)
-    for j, i in enumerate(rows):
-        c = int(counts[i])
-        if c:
-            out[j, :c] = flat[starts[i]:starts[i] + c * z].reshape(c, z)
-            mask[j, :c] = True
-    return out, mask

@@ -1,15 +1,21 @@
 """Ray start-up and the run context shared by every job.
 
-The embedded default starts a local Ray; inside ``ray job submit`` (RAY_ADDRESS is set) or with
-``ray.address=auto`` the job joins the cluster instead.  One place decides, so every job behaves alike.
+:func:`job_run` is the one job setup: the storage root (:class:`JobContext`), Ray (started or
+joined), and the job's MLflow run.  The embedded default starts a local Ray; inside ``ray job
+submit`` (RAY_ADDRESS is set) or with ``ray.address=auto`` the job joins the cluster instead.  One
+place decides, so every job behaves alike.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+from mask import tracking
 from mask.config import MaskConfig
 from mask.storage import Store
 
@@ -60,3 +66,34 @@ class JobContext:
     @classmethod
     def from_config(cls, cfg: MaskConfig) -> JobContext:
         return cls(cfg=cfg, store=Store(cfg.storage.root, cfg.storage.options))
+
+    @property
+    def tracking_uri(self) -> str | None:
+        """The MLflow tracking URI jobs record in their summaries (and hand to Ray Train workers)."""
+        return tracking.tracking_uri(self.cfg.tracking, self.store.root)
+
+
+@contextmanager
+def job_run(ctx: JobContext, job: str, *, run_name: str | None = None, params: Mapping[str, Any] | None = None,
+            tags: Mapping[str, Any] | None = None, ray: bool = True) -> Iterator[Any]:
+    """The one job setup: Ray started or joined (``ray=False``: not needed), then the job's MLflow run.
+
+    Args:
+        ctx: the job context (config and storage root); built first, so a job can fail on bad
+            input before Ray or MLflow start.
+        job: the job's name, recorded as the run tag ``job``.
+        run_name: the MLflow run name (default ``job``).
+        params: run params (default: the flattened config).
+        tags: extra run tags.
+        ray: start or join Ray first.
+
+    Yields:
+        The open run (:class:`mask.tracking.Run` or :class:`mask.tracking.NullRun`); it ends FINISHED,
+        FAILED (exception) or KILLED (Ctrl-C).
+    """
+    if ray:
+        init_ray(ctx.cfg)
+    with tracking.start_run(ctx.cfg.tracking, ctx.store.root, run_name or job,
+                            params=ctx.cfg.flat() if params is None else params,
+                            tags={"job": job, **(tags or {})}) as run:
+        yield run

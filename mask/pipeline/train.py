@@ -31,14 +31,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from mask.config import MaskConfig, TrainConfig
 from mask.errors import MaskError
+from mask.faults import driver_spec, exit_point
+from mask.losses import NonFiniteLoss, check_finite, mask_loss
+from mask.models import PrototypeTable, build_model, save_pae
+from mask.pipeline.identity import train_run_name
+from mask.pipeline.runtime import JobContext, job_run
+from mask.pipeline.steps import KNOWLEDGE_COLUMNS, TrainingInputs, features_dataset, prepare_training_inputs
+from mask.storage import Store
 
 logger = logging.getLogger(__name__)
 
-FAULT_ENV = "MASK_FAULT_INJECT"  # read by the driver: "train_epoch:<n>:<marker path>" (fault tests)
+#: what a rank raises when another rank's loss was non-finite (sync_finite): the driver reports the other one
+ELSEWHERE = NonFiniteLoss("loss(another worker)", "nan")
 
 MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "rng.pt", "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE)
@@ -57,7 +66,6 @@ class TrainModule(torch.nn.Module):
 
     def __init__(self, cfg: MaskConfig, num_words: int):
         super().__init__()
-        from mask.models import PrototypeTable, build_model
 
         self.net = build_model(cfg.model)
         self.prototypes = PrototypeTable(num_words, cfg.model.latent_dim)
@@ -180,7 +188,6 @@ def train_step(model: torch.nn.Module, inner: TrainModule, opt: torch.optim.Opti
         NonFiniteLoss: a term is NaN/inf here (or on another worker, through ``sync_finite``);
             no update is applied.
     """
-    from mask.losses import NonFiniteLoss, check_finite, mask_loss
 
     b = {**b, "word_vectors": word_vectors}
     out = model(b["features"], b["mask"])
@@ -191,7 +198,7 @@ def train_step(model: torch.nn.Module, inner: TrainModule, opt: torch.optim.Opti
     except NonFiniteLoss as e:
         error = e
     if sync_finite is not None and not sync_finite(error is None) and error is None:
-        error = NonFiniteLoss("loss", "nan on another worker", step)
+        error = NonFiniteLoss(ELSEWHERE.term, ELSEWHERE.value, step)
     if error is not None:
         raise error
     opt.zero_grad(set_to_none=True)
@@ -360,17 +367,6 @@ def resume_checkpoint(registered, run_storage: tuple[Any, str] | None, module: T
 # ---------------------------------------------------------------- the worker loop
 
 
-def _maybe_inject_fault(epoch: int, spec: str) -> None:
-    """Fault injection for the resume tests: ``train_epoch:<n>:<marker>`` kills this worker once at epoch n."""
-    if not spec.startswith("train_epoch:"):
-        return
-    _, at, marker = spec.split(":", 2)
-    if int(at) == epoch and not Path(marker).exists():
-        Path(marker).write_text("fired")
-        logger.warning("fault injection: killing this training worker at epoch %d", epoch)
-        os._exit(1)
-
-
 def _worker_threads() -> int:
     """Give torch the CPUs Ray assigned to this worker (Ray exports OMP_NUM_THREADS; make it explicit)."""
     import ray
@@ -391,12 +387,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         The last epoch's metrics (Ray Train hands rank 0's to the driver as ``Result.return_value``),
-        or ``{"nonfinite": message, "step", "epoch"}`` when a loss term became NaN/inf.
+        or ``{"nonfinite": NonFiniteLoss, "step", "epoch"}`` when a loss term became NaN/inf.
     """
     import ray.train
     import ray.train.torch
 
-    from mask.losses import NonFiniteLoss
 
     cfg = MaskConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -438,7 +433,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     last_metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
-        _maybe_inject_fault(epoch, config.get("fault", ""))
+        exit_point("train_epoch", epoch, config.get("fault", ""))
         per_worker = images_per_batch(cfg.train, epoch, config["pairs_per_image"], world)
         model.train()
         sums: dict[str, float] = {}
@@ -462,13 +457,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if client is not None and step % log_every == 0:
                 client.log_batch(run_id, metrics=_metrics({f"step.{k}": v for k, v in values.items()}, step))
         if failure is not None:
-            # every rank broke out at the same step (sync_finite); tell the driver, do not retry
-            msg = [str(failure)]
+            # every rank broke out at the same step (sync_finite); hand the driver the rank's own
+            # NonFiniteLoss (not one that only heard of it), do not retry
+            failures: list[Any] = [failure]
             if dist:
-                msgs: list[Any] = [None] * world
-                torch.distributed.all_gather_object(msgs, str(failure))
-                msg = msgs
-            real = next((m for m in msg if "another worker" not in m), msg[0])
+                failures = [None] * world
+                torch.distributed.all_gather_object(failures, failure)
+            real = next((f for f in failures if f.term != ELSEWHERE.term), failures[0])
             return {"nonfinite": real, "step": step + 1, "epoch": epoch}
         secs = time.perf_counter() - t0
         keys = sorted(sums)
@@ -513,3 +508,248 @@ def _metrics(values: dict[str, float], step: int) -> list:
 
     ts = int(time.time() * 1000)
     return [Metric(k, float(v), ts, step) for k, v in values.items()]
+
+
+def training_table(features: pa.Table, region_words: dict[str, list[str]], word_index: dict[str, int]) -> pa.Table:
+    """Features rows + region-word pairs (``pair_slot``, ``pair_word``); images with no pair are dropped.
+
+    The in-memory reference of :func:`training_dataset` (tests, benchmarks)."""
+    slots_col, words_col, keep = [], [], []
+    for i, rids in enumerate(features.column("region_ids").to_pylist()):
+        slots, wids = [], []
+        for s, rid in enumerate(rids or []):
+            for w in region_words.get(rid, ()):
+                slots.append(s)
+                wids.append(word_index[w])
+        if slots:
+            keep.append(i)
+            slots_col.append(slots)
+            words_col.append(wids)
+    t = features.select(["image_id", "features", "num_boxes", "feature_dim"]).take(pa.array(keep, pa.int64()))
+    return t.append_column("pair_slot", pa.array(slots_col, pa.list_(pa.int32()))) \
+            .append_column("pair_word", pa.array(words_col, pa.list_(pa.int32()))) \
+            .append_column("num_pairs", pa.array([len(x) for x in slots_col], pa.int64()))
+
+
+def training_dataset(store: Store, features_rel_: str, region_words: dict[str, list[str]],
+                     word_index: dict[str, int]):
+    """Training rows through Ray Data: the features artifact joined with the VG region words.
+
+    :class:`mask.pipeline.train.PairJoin` runs in one actor that holds the region → word-ids map;
+    the result is materialised in Ray's object store (spilling to disk when large), so every epoch
+    iterates it without re-reading storage and the trainer's workers can take every CPU.
+
+    Returns:
+        ``(dataset, {"images", "pairs"})``.
+    """
+    import ray.data
+
+    ids = {rid: [word_index[w] for w in ws] for rid, ws in region_words.items()}
+    ds = features_dataset(store, features_rel_, KNOWLEDGE_COLUMNS)
+    ds = ds.map_batches(PairJoin, fn_constructor_args=(ids,), batch_size=256,
+                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").materialize()
+    images = ds.count()
+    # a projection per block (no aggregation shuffle): only the small column reaches the driver
+    pairs = sum(int(np.sum(b["num_pairs"])) for b in
+                ds.select_columns(["num_pairs"]).iter_batches(batch_size=None, batch_format="numpy"))
+    return ds, {"images": images, "pairs": pairs}
+
+
+def _cpus_per_worker(cfg: MaskConfig) -> int:
+    import ray
+
+    t = cfg.train
+    if t.cpus_per_worker is not None:
+        return t.cpus_per_worker
+    if t.use_gpu:
+        return 1
+    total = int(ray.cluster_resources().get("CPU", 1))
+    per_node = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1])
+    return max(1, min(per_node, total // t.num_workers))
+
+
+def _checkpoint_uri(store: Store, path: str) -> str:
+    return path if store.protocol == "file" else f"s3://{path}"
+
+
+def _worker_error(err: BaseException) -> BaseException | None:
+    """The checkpoint/run error raised inside a training worker, if that is what failed the run."""
+    for e in getattr(err, "worker_failures", {}).values():
+        seen = set()
+        while e is not None and id(e) not in seen:
+            seen.add(id(e))
+            if isinstance(e, CheckpointError | TrainingRunError):
+                return e
+            e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+def _train_storage(ctx: JobContext) -> tuple[Any, str]:
+    """(pyarrow filesystem, fs-native folder) where Ray Train keeps its runs: ``<storage root>/train``."""
+    storage_path = ctx.store.path("train")
+    if ctx.store.protocol == "file":
+        os.makedirs(storage_path, exist_ok=True)
+    return ctx.store.pyarrow_filesystem(), storage_path
+
+
+def resume_point(ctx: JobContext, run_name: str, module) -> dict[str, Any] | None:
+    """The latest checkpoint of a training run, checked against the model, or None for a new run.
+
+    Args:
+        ctx: job context (storage root, config).
+        run_name: the Ray Train run name.
+        module: a :class:`mask.pipeline.train.TrainModule` of this config; the checkpoint's weights
+            are loaded into it.
+
+    Returns:
+        The checkpoint's state (``epoch`` 0-based, ``step``, ``resumes``) plus ``uri`` and ``fs_path``.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read or does not match the model (names the file).
+        TrainingRunError: it is past ``train.epochs`` (a shorter rerun cannot un-train).
+    """
+    import ray.train
+
+    fs, storage_path = _train_storage(ctx)
+    path = latest_checkpoint(fs, f"{storage_path}/{run_name}")
+    if path is None:
+        return None
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+        meta = load_checkpoint_dir(d, module)
+    meta.pop("state", None)
+    meta.update(uri=_checkpoint_uri(ctx.store, path), fs_path=path)
+    if meta["epoch"] > ctx.cfg.train.epochs - 1:
+        raise TrainingRunError(
+            f"training run {run_name}: its latest checkpoint {meta['uri']} is after epoch {meta['epoch'] + 1}, "
+            f"past train.epochs={ctx.cfg.train.epochs}; raise train.epochs, or set train.run_name to train a "
+            "separate run")
+    return meta
+
+
+def run_training(ctx: JobContext, ds, stats: dict[str, int], word_vectors: np.ndarray, run_id: str | None,
+                 tracking_uri: str | None, run_name: str) -> tuple[bytes, dict[str, Any]]:
+    """Ray Train (``TorchTrainer``) on the training rows; returns (PAE safetensors bytes, summary).
+
+    Resume: Ray Train V2 reloads the run's checkpoint list from ``<storage>/train/<run_name>`` when
+    ``fit()`` runs again under the same name and hands its latest checkpoint to the workers (checked
+    with ray 2.60: no flag needed); after a worker failure it restarts the worker group from it
+    (``train.max_failures``).  The driver checks the run's newest checkpoint first (:func:`resume_point`:
+    a corrupt or mismatched one fails here, naming the file).  Workers also look at the run's storage
+    folder (:func:`mask.pipeline.train.resume_checkpoint`): a checkpoint persisted just before a worker
+    died may not be registered by Ray yet, and a run folder may hold checkpoints without a Ray
+    snapshot (V2 deprecates ``resume_from_checkpoint``).
+
+    Args:
+        ctx: job context.  ds: training rows (Ray Dataset).  stats: ``images``, ``pairs`` of ``ds``.
+        word_vectors: (V, N) vectors of the vocabulary.  run_id, tracking_uri: MLflow run for the
+            workers' metrics (None = none).  run_name: Ray Train run name.
+
+    Raises:
+        CheckpointError, TrainingRunError: see :func:`resume_point`.
+        NonFiniteLoss: a loss term became NaN/inf (the message names the step and the term).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = ctx.cfg
+    if stats["pairs"] == 0:
+        raise ValueError(f"dataset {cfg.dataset.name}: no region carries a vocabulary word; nothing to train on")
+    fs, storage_path = _train_storage(ctx)
+    module = TrainModule(cfg, word_vectors.shape[0])
+    prior = resume_point(ctx, run_name, module)
+    if prior is not None:
+        logger.info("training run %s: continuing after epoch %d from %s", run_name, prior["epoch"] + 1, prior["uri"])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "word_vectors": word_vectors,
+                           "pairs_per_image": stats["pairs"] / max(stats["images"], 1),
+                           "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                           "fault": driver_spec(),
+                           "run_storage": (fs, f"{storage_path}/{run_name}")},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": _cpus_per_worker(cfg), **({"GPU": 1} if cfg.train.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        inner = _worker_error(e)
+        if inner is not None:
+            raise inner from e
+        raise
+    secs = time.perf_counter() - t0
+    metrics = dict(result.return_value or result.metrics or {})
+    if isinstance(metrics.get("nonfinite"), NonFiniteLoss):
+        raise metrics["nonfinite"]
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        meta = load_checkpoint_dir(d, module)
+    summary = _training_summary(run_name, _checkpoint_uri(ctx.store, result.checkpoint.path), meta, stats,
+                                word_vectors.shape[0], prior)
+    summary["train_seconds"] = round(secs, 2)
+    summary.update({k: v for k, v in metrics.items()
+                    if isinstance(v, int | float) and (k.startswith("epoch.") or k in ("pairs_per_s", "epoch_seconds"))})
+    return save_pae(module.net.pae), summary
+
+
+def _training_summary(run_name: str, uri: str, meta: dict[str, Any], stats: dict[str, int] | None,
+                      num_words: int, prior: dict[str, Any] | None) -> dict[str, Any]:
+    return {"run_name": run_name, "checkpoint": uri, "final_epoch": meta["epoch"], "steps": meta["step"],
+            "resumes": int(meta.get("resumes", 0)), "vocabulary": int(num_words),
+            "continued_from_epoch": prior["epoch"] + 1 if prior is not None else 0, "reused": False,
+            **(stats or {})}
+
+
+def train_model(ctx: JobContext, inputs: TrainingInputs, run, tracking_uri: str | None) -> tuple[bytes, dict[str, Any]]:
+    """Ray Data join → Ray Train, or the finished run's checkpoint when it already reached
+    ``train.epochs``; logs the summary to the job's MLflow run and records the final checkpoint there
+    (tag ``train.checkpoint`` and the artifact ``train/checkpoint.json``)."""
+    if not inputs.word_index:
+        raise ValueError(f"dataset {ctx.cfg.dataset.name}: the vocabulary is empty "
+                         f"({inputs.vocab['report']}); nothing to train")
+    name = train_run_name(ctx.cfg, inputs.features_rel)
+    run.set_tags({"train.run_name": name})
+    try:
+        module = TrainModule(ctx.cfg, len(inputs.word_index))
+        prior = resume_point(ctx, name, module)
+        if prior is not None and prior["epoch"] == ctx.cfg.train.epochs - 1:
+            logger.info("training run %s already finished epoch %d; reusing %s", name, prior["epoch"] + 1, prior["uri"])
+            pae_bytes = save_pae(module.net.pae)
+            tsum = {**_training_summary(name, prior["uri"], prior, None, len(inputs.word_index), None),
+                    "reused": True, **prior.get("metrics", {})}
+        else:
+            ds, stats = training_dataset(ctx.store, inputs.features_rel, inputs.region_words, inputs.word_index)
+            pae_bytes, tsum = run_training(ctx, ds, stats, inputs.vocab["vectors"], run.run_id, tracking_uri, name)
+    except Exception as e:
+        run.set_tags({"train.error": f"{type(e).__name__}: {e}"})
+        raise
+    run.log_metrics({f"train.{k}": float(v) for k, v in tsum.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool)})
+    run.set_tags({"train.checkpoint": tsum["checkpoint"]})
+    run.log_dict({k: tsum[k] for k in ("run_name", "checkpoint", "final_epoch", "steps", "resumes")},
+                 "train/checkpoint.json")
+    return pae_bytes, tsum
+
+
+def train_job(cfg: MaskConfig) -> dict[str, Any]:
+    """The training job: dataset → features → vocabulary → Ray Train, in its own MLflow run.
+
+    Returns:
+        A summary: ``dataset``, ``features``, ``vocabulary`` (incl. words without a vector),
+        ``training`` (run name, checkpoint URI, epochs, steps, resumes, final losses, pairs/s) and
+        ``mlflow`` (tracking URI, run id).
+    """
+    ctx = JobContext.from_config(cfg)
+    uri = ctx.tracking_uri
+    with job_run(ctx, "train") as run:
+        inputs = prepare_training_inputs(ctx, run)
+        _, tsum = train_model(ctx, inputs, run, uri)
+        return {**inputs.summary, "training": tsum,
+                "mlflow": {"tracking_uri": uri if run.run_id else None, "run_id": run.run_id}}

@@ -3,7 +3,7 @@
 :func:`run_sweep` (``tune/sweep.py``):
 
 1. **Inputs, once.**  The training steps of the main job (dataset → detector → region features on
-   the VG boxes → vocabulary, :func:`mask.pipeline.build.prepare_training_inputs`) and the gallery's
+   the VG boxes → vocabulary, :func:`mask.pipeline.steps.prepare_training_inputs`) and the gallery's
    features run (or are reused) before any trial starts.  The gallery is split into a validation
    part (``validation.split``, or a seeded ``validation.fraction``) and a held-out test part; the
    captions are parsed once and the sweep's ``inputs`` artifact (vocabulary, splits, parsed
@@ -29,7 +29,7 @@
    test split scored with it (``test.*`` metrics) — :mod:`mask.pipeline.tune_best`.
 
 Base model for re-ranking: ``rerank.base_scores`` when set (a matrix or lists over the gallery, read
-with :func:`mask.pipeline.gallery.load_base_scores`).  Without one — the demo, where no CLIP weights
+with :func:`mask.pipeline.rerank.load_base_scores`).  Without one — the demo, where no CLIP weights
 can be downloaded — the base is MASK's own *global mean pooling* ablation (``scoring.pooling=mean``,
 Table 1) of each trial's model: a real, weaker matcher computed by the same code, **not** a
 pretrained base model.  This is logged as a WARNING and as the param ``rerank.base_model``.
@@ -47,10 +47,12 @@ import yaml
 
 from mask import tracking
 from mask.config import MaskConfig
+from mask.faults import driver_spec
 from mask.pipeline.runtime import JobContext, init_ray
 from mask.pipeline.tune_best import finalize
 from mask.pipeline.tune_inputs import DEMO_BASE, prepare_inputs
-from mask.pipeline.tune_trial import FAULT_ENV, TrialSetup, run_trial
+from mask.pipeline.tune_mlflow import MlflowTrialRuns
+from mask.pipeline.tune_trial import TrialSetup, run_trial
 from mask.storage import Store, code_version, fingerprint
 from mask.sweep import SCORE, SweepError, SweepSpec, clip_m, fmt
 
@@ -254,7 +256,7 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
         setup = TrialSetup(cfg=cfg.model_dump(mode="json"), inputs_rel=inputs_rel, epochs=epochs,
                            eval_every=spec.trials.eval_every, m=tuple(m_grid), alpha=tuple(spec.grid.alpha),
                            k=tuple(spec.grid.k), base_m=cfg.knowledge.m, cpus=spec.trials.cpus, gpus=spec.trials.gpus,
-                           fault=os.environ.get(FAULT_ENV, ""))
+                           fault=driver_spec())
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                         {"cpu": spec.trials.cpus, "gpu": spec.trials.gpus})
         if restorable:
@@ -264,8 +266,6 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
         else:
             callbacks = []
             if run.run_id is not None:
-                from mask.pipeline.tune_mlflow import MlflowTrialRuns
-
                 callbacks.append(MlflowTrialRuns(cfg, run.run_id, exp_id, name, extra, epochs))
             tuner = tune.Tuner(
                 trainable, param_space=_param_space(spec),

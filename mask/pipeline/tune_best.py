@@ -14,9 +14,23 @@ import yaml
 
 from mask import tracking
 from mask.config import MaskConfig, flatten
+from mask.datasets import dataset_rel
+from mask.knowledge_artifact import load_knowledge, save_knowledge
+from mask.models import save_pae
 from mask.pipeline.runtime import JobContext
-from mask.pipeline.tune_trial import TrialSetup, grid_from_json, trial_config
+from mask.pipeline.steps import knowledge_table, region_word_map, with_ood_vocabulary
+from mask.pipeline.train import TrainModule, load_checkpoint_dir
+from mask.pipeline.tune_trial import (
+    TrialSetup,
+    _parquet_file,
+    evaluate_grid,
+    gallery_mu,
+    grid_from_json,
+    load_gallery,
+    trial_config,
+)
 from mask.sweep import METRICS, SCORE, SweepError, SweepSpec, best_entry, best_rerank
+from mask.vectors import load_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +83,6 @@ def best_yaml(cfg: MaskConfig, header: str) -> str:
 def finalize(ctx: JobContext, spec: SweepSpec, name: str, results, info: dict[str, Any], setup: TrialSetup,
              run, epochs: int) -> dict[str, Any]:
     """Best trial → best config YAML, knowledge (materialised + registered), held-out test metrics."""
-    from mask.pipeline.tune_trial import evaluate_grid, gallery_mu, load_gallery
 
     store, cfg = ctx.store, ctx.cfg
     rows = _trial_rows(results)
@@ -150,16 +163,6 @@ def materialise_knowledge(ctx: JobContext, bcfg: MaskConfig, checkpoint, info: d
 
     Reuses a committed ``knowledge/<version>`` (a rerun registers nothing new).
     """
-    from mask.datasets import dataset_rel
-    from mask.knowledge import KnowledgeTable
-    from mask.knowledge_artifact import load_knowledge, save_knowledge
-    from mask.models import save_pae
-    from mask.pipeline.build import features_dataset, region_word_map
-    from mask.pipeline.represent import knowledge_pass
-    from mask.pipeline.runtime import cluster_gpus
-    from mask.pipeline.train import TrainModule, load_checkpoint_dir
-    from mask.pipeline.tune_trial import _parquet_file
-
     store = ctx.store
     krel = f"knowledge/{version}"
     if store.committed(krel, version) is not None:
@@ -176,23 +179,10 @@ def materialise_knowledge(ctx: JobContext, bcfg: MaskConfig, checkpoint, info: d
     pae = save_pae(module.net.pae)
     regions = store.read_table(dataset_rel(info["dataset"], "regions"), columns=["region_id", "words"])
     region_words = region_word_map(regions, word_index)
-    feats = features_dataset(store, info["features"], ["image_id", "features", "num_boxes", "feature_dim", "region_ids"])
-    acc = knowledge_pass(feats, pae, word_index, region_words, bcfg.model.latent_dim, bcfg.seed,
-                         num_gpus=1 if cluster_gpus() else 0)
-    protos, counts, missing = acc.prototypes()
-    seen = ~missing
-    table = KnowledgeTable(words=[w for w, s in zip(words, seen, strict=True) if s], counts=counts[seen],
-                           word_vectors=vectors[seen], prototypes=protos[seen], source=["vg"] * int(seen.sum()),
-                           samples=acc.samples()[seen])
+    table = knowledge_table(store, bcfg, info["features"], pae, words, vectors, region_words)
     if bcfg.knowledge.ood_vocab_size:
-        from mask.knowledge import extend_with_ood
-        from mask.vectors import load_vectors, vectors_for
-
         kv = load_vectors(bcfg.vectors.source, bcfg.vectors.format, bcfg.vectors.cache_dir)
-        extra = [w for w in kv.index_to_key[: bcfg.knowledge.ood_vocab_size] if w not in set(table.words)]
-        vecs, found = vectors_for(kv, extra)
-        table = extend_with_ood(table, [w for w, f in zip(extra, found, strict=True) if f], np.asarray(vecs)[found],
-                                bcfg.knowledge.ood_method, bcfg.knowledge.m)
+        table = with_ood_vocabulary(table, kv, bcfg)
     lineage = {"features": store.uri(info["features"]), "training_run": checkpoint.path, "config_hash": version,
                **lineage_extra}
     save_knowledge(store, krel, table, pae, config_hash=version, mlflow_run_id=run.run_id, lineage=lineage)

@@ -1,7 +1,7 @@
 """The inputs of a sweep, computed once before any trial and committed under ``sweeps/<name>/inputs/``.
 
 The training steps of the main job (dataset → detector → region features on the VG boxes →
-vocabulary, :func:`mask.pipeline.build.prepare_training_inputs`) and the gallery's features run or are
+vocabulary, :func:`mask.pipeline.steps.prepare_training_inputs`) and the gallery's features run or are
 reused; the gallery is split into a validation part (``validation.split``, or a seeded
 ``validation.fraction``) and a held-out test part; captions are parsed once (trials never load spaCy or
 NLTK) and their words' vectors looked up; base-model scores (``rerank.base_scores``) are cut to both
@@ -19,11 +19,17 @@ import numpy as np
 import pyarrow as pa
 
 from mask.config import MaskConfig
+from mask.pipeline.extract import run_extraction
+from mask.pipeline.identity import features_rel
 from mask.pipeline.index import npy_bytes, parquet_bytes
+from mask.pipeline.rerank import base_scores_artifact, load_base_scores
 from mask.pipeline.runtime import JobContext
-from mask.pipeline.tune_trial import INPUTS_KIND
+from mask.pipeline.steps import ensure_dataset, prepare_training_inputs
+from mask.pipeline.tune_trial import INPUTS_KIND, read_inputs
 from mask.storage import StorageError, Store, fingerprint, fingerprint_files
 from mask.sweep import SweepError, SweepSpec
+from mask.text import ContentWordParser
+from mask.vectors import vectors_for
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +65,6 @@ def _gallery_order(images: pa.Table, captions: pa.Table, ok: set[str]) -> tuple[
 
 
 def _base_artifact(cfg: MaskConfig, store: Store):
-    from mask.pipeline.gallery import base_scores_artifact
 
     return base_scores_artifact(cfg.rerank.base_scores, cfg.storage.options, store)
 
@@ -87,11 +92,6 @@ def prepare_inputs(ctx: JobContext, spec: SweepSpec, rel: str, run) -> dict[str,
     Returns:
         The ``inputs.json`` of the committed artifact (reused when already committed).
     """
-    from mask.pipeline.build import ensure_dataset, prepare_training_inputs
-    from mask.pipeline.extract import features_rel, run_extraction
-    from mask.pipeline.tune_trial import read_inputs
-    from mask.text import ContentWordParser
-    from mask.vectors import vectors_for
 
     cfg, store = ctx.cfg, ctx.store
     h = inputs_hash(cfg, spec, store)
@@ -127,8 +127,6 @@ def prepare_inputs(ctx: JobContext, spec: SweepSpec, rel: str, run) -> dict[str,
     base_info: dict[str, Any] = {"kind": "demo-mean-pooling", "description": DEMO_BASE}
     base = None
     if cfg.rerank.base_scores:
-        from mask.pipeline.gallery import load_base_scores
-
         caption_ids = caps.column("caption_id").to_pylist()
         bs = load_base_scores(cfg.rerank.base_scores, image_ids, caption_ids, cfg.storage.options,
                               artifact=_base_artifact(cfg, store))

@@ -24,9 +24,9 @@ The driver's MLflow callback (:mod:`mask.pipeline.tune`) turns the reports into 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,14 +36,33 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mask.alignment import gap_measures
 from mask.config import MaskConfig, flatten
+from mask.datasets import dataset_rel
+from mask.evaluation import gallery_scores, map_captions, padded_mu
+from mask.faults import fires
+from mask.knowledge import KnowledgeTable, PrototypeAccumulator
+from mask.metrics import recall_at_k
+from mask.models import save_pae
+from mask.pipeline.represent import MuStage
+from mask.pipeline.steps import region_word_map
+from mask.pipeline.train import (
+    PairJoin,
+    TrainModule,
+    collate,
+    images_per_batch,
+    load_checkpoint_dir,
+    loss_weights,
+    save_checkpoint,
+    train_step,
+)
+from mask.rerank import rerank_both
 from mask.storage import Store
 from mask.sweep import SCORE, best_entry, flatten_grid
 
 logger = logging.getLogger(__name__)
 
 INPUTS_KIND = "tune-inputs"
-FAULT_ENV = "MASK_FAULT_INJECT"  # read by the driver, handed to trials: "tune_report|tune_error:<n>:<marker>"
 FEATURE_COLUMNS = ["image_id", "features", "num_boxes", "feature_dim"]
 
 
@@ -58,7 +77,7 @@ class TrialSetup:
         m, alpha, k: the grid (m already clipped to the knowledge size).
         base_m: OOD sampling size of the demo base model (the config's ``knowledge.m``).
         cpus, gpus: resources per trial (torch threads follow ``cpus``).
-        fault: the driver's ``MASK_FAULT_INJECT`` (tests only; see :func:`_maybe_inject_fault`).
+        fault: the driver's ``MASK_FAULT_INJECT`` (tests only; see :func:`_fault_after_report`).
     """
 
     cfg: dict[str, Any]
@@ -152,7 +171,6 @@ def read_inputs(store: Store, inputs_rel: str) -> dict[str, Any]:
 
 
 def _parquet_file(store: Store, rel: str, name: str) -> pa.Table:
-    import io
 
     import pyarrow.parquet as pq
 
@@ -161,7 +179,6 @@ def _parquet_file(store: Store, rel: str, name: str) -> pa.Table:
 
 def load_gallery(store: Store, inputs_rel: str, info: dict[str, Any], split: str) -> EvalGallery | None:
     """The ``val`` or ``test`` gallery split of a sweep (None when the split has no image)."""
-    import io
 
     images = _parquet_file(store, inputs_rel, f"{split}_images.parquet").column("image_id").to_pylist()
     if not images:
@@ -187,9 +204,6 @@ def load_gallery(store: Store, inputs_rel: str, info: dict[str, Any], split: str
 
 def load_sweep_data(store: Store, inputs_rel: str, splits: tuple[str, ...] = ("val",)) -> SweepData:
     """Read what a trial trains and validates on from the storage root (never from the trial config)."""
-    from mask.datasets import dataset_rel
-    from mask.pipeline.build import region_word_map
-    from mask.pipeline.train import PairJoin
 
     info = read_inputs(store, inputs_rel)
     vocab = _parquet_file(store, inputs_rel, "vocabulary.parquet")
@@ -224,7 +238,6 @@ def train_epoch(module, opt: torch.optim.Optimizer, rows: dict[str, np.ndarray],
     Returns:
         ``({"loss", "loss_ir", …}: means over the epoch's batches, the step count after it)``.
     """
-    from mask.pipeline.train import collate, images_per_batch, loss_weights, train_step
 
     module.train()
     n = len(rows["num_pairs"])
@@ -252,25 +265,17 @@ def _batches(rows: dict[str, np.ndarray], size: int):
 
 def knowledge_table(pae_bytes: bytes, data: SweepData, cfg: MaskConfig, batch_size: int = 64):
     """Eq. 2 in memory: μ of every VG region through the PAE, averaged per word → a KnowledgeTable."""
-    from mask.knowledge import KnowledgeTable, PrototypeAccumulator
-    from mask.pipeline.represent import MuStage
-
     stage = MuStage(pae_bytes, data.word_index, data.region_words, "partials", cfg.seed)
     acc = PrototypeAccumulator(len(data.words), cfg.model.latent_dim, seed=cfg.seed)
     for batch in _batches(data.raw_rows, batch_size):
         part = stage(batch)
         if len(part["word_id"]):
             acc.merge_partial(part["word_id"], part["sum"], part["count"], part["key"], part["sample"])
-    protos, counts, missing = acc.prototypes()
-    seen = ~missing
-    return KnowledgeTable(words=[w for w, s in zip(data.words, seen, strict=True) if s], counts=counts[seen],
-                          word_vectors=data.word_vectors[seen], prototypes=protos[seen],
-                          source=["vg"] * int(seen.sum()), samples=acc.samples()[seen])
+    return KnowledgeTable.from_accumulator(acc, data.words, data.word_vectors)
 
 
 def gallery_mu(pae_bytes: bytes, gallery: EvalGallery, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """μ of the gallery's regions → ``(N, R, Z)`` and the padding mask ``(N, R)``, in gallery order."""
-    from mask.pipeline.represent import MuStage, padded_mu
 
     stage = MuStage(pae_bytes)
     cols: dict[str, list] = {"image_id": [], "mu": [], "num_boxes": [], "latent_dim": []}
@@ -301,9 +306,6 @@ def evaluate_grid(cfg: MaskConfig, table, mu: np.ndarray, mask: np.ndarray, gall
         ``{"mask": {m: metrics}, "base": metrics, "rerank": {(m, α, k): metrics}}`` (metrics as
         :func:`mask.metrics.recall_at_k`).
     """
-    from mask.metrics import recall_at_k
-    from mask.pipeline.evaluate import gallery_scores, map_captions
-    from mask.rerank import rerank_both
 
     sc = cfg.scoring
     c2i = gallery.caption_to_image
@@ -357,25 +359,15 @@ def grid_report(grid: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the trainable
 
 
-def _maybe_inject_fault(reports: int, spec: str) -> None:
-    """Fault injection for the restore tests (``MASK_FAULT_INJECT`` of the driver, via the setup): after
-    its n-th report, the first trial to get there writes the marker and then
-
-    * ``tune_report:<n>:<marker>`` — hangs, so that a test can kill the driver mid-sweep;
-    * ``tune_error:<n>:<marker>`` — fails (the trial errors; a rerun restores it from its checkpoint).
-    """
-    kind, _, rest = spec.partition(":")
-    if kind not in ("tune_report", "tune_error"):
-        return
-    at, marker = rest.split(":", 1)
-    if int(at) != reports or os.path.exists(marker):
-        return
-    with open(marker, "w") as f:
-        f.write(kind)
-    if kind == "tune_error":
+def _fault_after_report(reports: int, spec: str) -> None:
+    """The restore tests' faults (:mod:`mask.faults`): after its n-th report a trial fails
+    (``tune_error``: a rerun restores it from its checkpoint) or hangs (``tune_report``: a test kills
+    the driver mid-sweep)."""
+    if fires("tune_error", reports, spec):
         raise RuntimeError(f"fault injection: trial fails after report {reports}")
-    logger.warning("fault injection: trial holds after report %d until the driver is killed", reports)
-    time.sleep(600)
+    if fires("tune_report", reports, spec):
+        logger.warning("fault injection: trial holds after report %d until the driver is killed", reports)
+        time.sleep(600)
 
 
 def _device(setup: TrialSetup) -> torch.device:
@@ -384,7 +376,6 @@ def _device(setup: TrialSetup) -> torch.device:
 
 def _gap(table, module) -> dict[str, float]:
     """The modality-gap measures (:func:`mask.alignment.gap_measures`) of the trial's MTM on its knowledge."""
-    from mask.alignment import gap_measures
 
     try:
         with torch.no_grad():
@@ -405,8 +396,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """
     import ray.tune
 
-    from mask.models import save_pae
-    from mask.pipeline.train import TrainModule, load_checkpoint_dir, save_checkpoint
 
     cfg = trial_config(setup.cfg, config)
     torch.set_num_threads(max(1, int(setup.cpus)))
@@ -453,4 +442,4 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(d))
         history = []
         reports += 1
-        _maybe_inject_fault(reports, setup.fault)
+        _fault_after_report(reports, setup.fault)

@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from mask.knowledge_artifact import load_knowledge
 from mask.report import plots
+from mask.report.prototype_map import groups_for, prototype_map
 from mask.report.runs import (
     ReportError,
     RunRecord,
@@ -41,6 +43,7 @@ from mask.report.runs import (
     run_knowledge_uri,
 )
 from mask.report.tables import fmt_num, markdown, recall_table
+from mask.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -382,7 +385,6 @@ def gap_section(runs: list[RunRecord]) -> Section:
 
 def tsne_section(client, runs: list[RunRecord], out: str, storage_options: dict, groups_user, tsne_run: str | None,
                  seed: int) -> Section:
-    from mask.report.prototype_map import groups_for, prototype_map
 
     title = "Prototype map (Figure 3)"
     if tsne_run is not None:
@@ -424,8 +426,6 @@ def tsne_section(client, runs: list[RunRecord], out: str, storage_options: dict,
 
 def load_knowledge_uri(uri: str, storage_options: dict):
     """The knowledge table at an artifact URI (local path or ``s3://…``)."""
-    from mask.knowledge_artifact import load_knowledge
-    from mask.storage import Store
 
     uri = uri.rstrip("/")
     table, _ = load_knowledge(Store(posixpath.dirname(uri), storage_options), posixpath.basename(uri))

@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from mask.alignment import unit_rows
+from mask.datasets.demo import COLOURS, OBJECT_ASPECT, PARTS, SCENERY, SIZES, SYNONYMS, TEXTURES
+from mask.report import plots
 from mask.report.runs import ReportError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +51,6 @@ GENERIC_GROUPS: dict[str, list[str]] = {
 
 def demo_groups() -> dict[str, list[str]]:
     """The demo world's word lists (:mod:`mask.datasets.demo`), each with its candidate caption synonyms."""
-    from mask.datasets.demo import COLOURS, OBJECT_ASPECT, PARTS, SCENERY, SIZES, SYNONYMS, TEXTURES
 
     def with_synonyms(ws: Sequence[str]) -> list[str]:
         return [x for w in ws for x in (w, *SYNONYMS.get(w, ()))]
@@ -121,8 +123,6 @@ def prototype_map(table, groups: Mapping[str, Sequence[str]], path: str, *, titl
     """
     from sklearn.manifold import TSNE
 
-    from mask.alignment import unit_rows
-    from mask.report import plots
 
     words = list(table.words)
     group_of = _assign(words, groups)

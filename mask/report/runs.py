@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mask.errors import MaskError
+from mask.metrics import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
 
-#: The seven numbers of a paper table row, in the paper's column order (IR = t2i, IA = i2t).
-METRICS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "rsum")
+#: The seven numbers of a paper table row (:data:`mask.metrics.METRIC_NAMES`).
+METRICS = METRIC_NAMES
 
 #: Params that say how a run executed, not what it computed: ignored when runs are compared.
 MECHANICS_PREFIXES = ("tracking.", "storage.", "ray.", "best.")
