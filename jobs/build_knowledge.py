@@ -12,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from jobs._cli import parse, print_summary  # noqa: E402
+from jobs._cli import parse, print_summary, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse(argv, __doc__.splitlines()[0])
+    cfg = parse(argv, __doc__)
     from mask.pipeline.build import build_knowledge
 
     summary = build_knowledge(cfg)
@@ -29,4 +29,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,22 +7,20 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from jobs._cli import parse, print_summary  # noqa: E402
+from jobs._cli import job_parser, parse_job, print_summary, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(add_help=False)
+    p = job_parser(__doc__)
     p.add_argument("--index", default=None, help="index path under the storage root (default: the newest)")
     p.add_argument("--scores", default=None, help="dense .npy (images × captions) in the index's order")
     p.add_argument("--protocol", default="all", choices=["all", "flickr30k-1k", "coco-5k", "coco-5fold-1k"])
-    args, rest = p.parse_known_args(argv if argv is not None else sys.argv[1:])
-    cfg = parse(rest, __doc__.splitlines()[0])
+    args, cfg = parse_job(p, argv)
     from mask.pipeline.evaluate import evaluate_job
 
     summary = evaluate_job(cfg, args.index, args.scores, args.protocol)
@@ -32,4 +30,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -13,23 +13,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from jobs._cli import parse, print_summary  # noqa: E402
+from jobs._cli import job_parser, parse_job, print_summary, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    target = "dataset"
-    if "--target" in argv:
-        i = argv.index("--target")
-        target = argv[i + 1]
-        del argv[i:i + 2]
-    cfg = parse(argv, __doc__.splitlines()[0])
+    p = job_parser(__doc__)
+    p.add_argument("--target", choices=("dataset", "gallery"), default="dataset",
+                   help="what to extract: the training dataset (its ground-truth boxes when it has regions) or "
+                        "the gallery (detector.mode boxes) (default: %(default)s)")
+    args, cfg = parse_job(p, argv)
     from mask.pipeline.extract_regions import extract_dataset
 
-    summary = extract_dataset(cfg, target)
+    summary = extract_dataset(cfg, args.target)
     print_summary(summary)
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

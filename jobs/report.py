@@ -11,17 +11,16 @@ Writes report.md, report.json and PNGs to --out and logs them as the artifacts o
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from jobs._cli import parse, print_summary  # noqa: E402
+from jobs._cli import job_config, job_parser, print_summary, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(add_help=False)
+    p = job_parser(__doc__)
     p.add_argument("--experiment", action="append", default=None,
                    help="MLflow experiment name (repeatable; default: tracking.experiment)")
     p.add_argument("--runs", nargs="+", default=None, help="MLflow run ids (a Tune parent brings its trials)")
@@ -29,11 +28,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--groups", default=None, help="YAML {group: [words]} for the prototype t-SNE map")
     p.add_argument("--tsne-run", default=None, help="run id whose knowledge to map (default: the best)")
     p.add_argument("--no-mlflow-run", action="store_true", help="do not log the report as an MLflow run")
-    args, rest = p.parse_known_args(argv if argv is not None else sys.argv[1:])
+    args = p.parse_intermixed_args(argv)
     if args.runs:  # `--runs a b key=value`: run ids never hold "=", so those are config overrides
-        rest += [r for r in args.runs if "=" in r]
+        args.overrides += [r for r in args.runs if "=" in r]
         args.runs = [r for r in args.runs if "=" not in r] or None
-    cfg = parse(rest, __doc__.splitlines()[0])
+    cfg = job_config(args)
     from mask.report import ReportError, make_report
 
     try:
@@ -47,4 +46,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

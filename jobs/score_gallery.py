@@ -7,22 +7,20 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from jobs._cli import parse, print_summary  # noqa: E402
+from jobs._cli import job_parser, parse_job, print_summary, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(add_help=False)
+    p = job_parser(__doc__)
     p.add_argument("--knowledge", default=None,
                    help="knowledge path (under the storage root) / URI, @alias or models:/name/version "
                         "(default: the version this config builds, else the newest registered)")
-    args, rest = p.parse_known_args(argv if argv is not None else sys.argv[1:])
-    cfg = parse(rest, __doc__.splitlines()[0])
+    args, cfg = parse_job(p, argv)
     from mask.pipeline.score import score_gallery
 
     summary = score_gallery(cfg, args.knowledge)
@@ -32,4 +30,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

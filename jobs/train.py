@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from jobs._cli import parse, print_summary  # noqa: E402
+from jobs._cli import parse, print_summary, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse(argv, __doc__.splitlines()[0])
+    cfg = parse(argv, __doc__)
     from mask.pipeline.train import train_job
 
     summary = train_job(cfg)
@@ -34,4 +34,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -5,7 +5,8 @@ wrong type fails at once with a message that names the key (``model.latent_dim: 
 valid integer``).  Library classes take plain arguments; the pipeline turns these models into them.
 
 Overrides use dotted paths, ``model.latent_dim=256 storage.root=s3://bucket/mask``; values are
-parsed as YAML scalars (``3``, ``1e-4``, ``true``, ``[1, 10, 50]``).
+parsed as YAML scalars (``3``, ``1e-4``, ``true``, ``[1, 10, 50]``); a value starting with ``@``
+(``index.knowledge=@champion``) is a plain string.
 """
 
 from __future__ import annotations
@@ -176,6 +177,13 @@ class DetectorConfig(_Strict):
     calibration_images: int = Field(default=16, ge=1)
     # RoIs per chunk through the res5 head (bounds memory; results do not depend on it).
     roi_chunk: int = Field(default=128, ge=1)
+    # Progress commits of a long extraction: the finished batches are appended to the artifact's manifest
+    # every this many batches or seconds, whichever comes first (a rerun after a crash skips them).
+    commit_every_batches: int = Field(default=64, ge=1)
+    commit_every_s: float = Field(default=60.0, gt=0)
+    # Seconds an extraction run's lease lives without renewal (renewed every third of it): the parts of a
+    # run killed on another host are swept by a later run after this long (on the same host at once).
+    run_ttl_s: float = Field(default=600.0, gt=0)
 
 
 class ModelConfig(_Strict):
@@ -310,6 +318,8 @@ class IndexConfig(_Strict):
     lease_ttl_s: float = Field(default=600.0, gt=0)
     # New images up to this many get μ on the driver; more go through Ray Data.
     local_max_images: int = Field(default=256, ge=0)
+    # The μ stage on Ray Data commits its progress every this many images (a rerun after a crash keeps them).
+    mu_commit_images: int = Field(default=4096, ge=1)
 
 
 class ClipConfig(_Strict):
@@ -397,7 +407,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not keys:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            # '@' and '`' are reserved indicators in YAML, so "@champion" (a registry alias) is no scalar
+            # there: a value starting with one is taken as the plain string.
+            value = raw.strip() if raw.strip()[:1] in ("@", "`") else yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {path}: cannot parse value {raw!r}: {e}") from e
         node = data

@@ -219,3 +219,35 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _process_gone(owner: str) -> bool:
+    """Whether ``owner`` (``host:pid:random``, :func:`default_owner`) names a process of this host that no
+    longer exists.  False when it cannot tell (another host, another owner format)."""
+    bits = owner.rsplit(":", 2)
+    if len(bits) != 3 or bits[0] != socket.gethostname() or not bits[1].isdigit():
+        return False
+    try:
+        os.kill(int(bits[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, owned by another user
+        return False
+    return False
+
+
+def holder_alive(store: Store, rel: str) -> bool | None:
+    """Whether the lease at ``rel`` has a live holder: None when no lease was ever taken there; False when
+    released, expired, or held by a process of this host that is gone (killed: it could not release,
+    and waiting for the expiry is not needed); True otherwise.
+
+    Used to tell a live writer's uncommitted files from a dead one's (:func:`mask.storage.sweep_parts`).
+    A PID reused by another process after the holder died makes a dead holder look alive until its
+    lease expires: the safe direction.
+    """
+    cur = Lease(store, rel, ttl_s=1.0, heartbeat=False).current()
+    if cur is None:
+        return None
+    if not cur.live(time.time()):
+        return False
+    return not _process_gone(cur.owner)

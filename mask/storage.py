@@ -35,8 +35,9 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -795,6 +796,7 @@ class ArtifactWriter:
         self.token = uuid.uuid4().hex[:12]
         self._parts: list[dict[str, Any]] = []
         self._files: list[dict[str, Any]] = []
+        self._retire: list[tuple[list[str], Callable[[pa.Table], Any], str]] = []
         self._state = "open"
         self._previous = store.manifest(rel)
         self._schema: pa.Schema | None = None
@@ -927,6 +929,65 @@ class ArtifactWriter:
         self._files.append({"name": name, "path": frel, "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest()})
 
+    def retire_rows(self, columns: list[str], predicate: Callable[[pa.Table], Any], into: str = "") -> None:
+        """At commit, drop the rows of already committed parts for which ``predicate`` is true.
+
+        Used to replace superseded rows (an image re-extracted because its bytes changed): each committed
+        part holding such rows is rewritten without them as a new part (under ``parts/<into>/``) and the
+        manifest lists the rewritten part instead of the old one — one manifest write, so a reader sees
+        either the old rows or the new ones, never both nor neither.  The old part files stay on storage,
+        listed under the manifest's ``retired`` with the time, for readers that hold the previous manifest;
+        :func:`sweep_parts` deletes them once older than its grace period.
+
+        Args:
+            columns: the columns ``predicate`` needs (only those are read from each part).
+            predicate: Table (those columns) → boolean array, true for the rows to drop.
+            into: sub-folder of ``parts/`` for the rewritten parts (the writer's run folder), or "".
+        """
+        self._check_open()
+        if into:
+            _split_rel(into, f"retire_rows(into) of {self.uri}")
+        self._retire.append((list(columns), predicate, into))
+
+    def _apply_retire(self, parts: list[dict[str, Any]], new_names: set[str]) -> tuple[list[dict], list[dict]]:
+        """Apply :meth:`retire_rows` to the committed parts of ``parts`` → (parts, newly retired entries)."""
+        if not self._retire:
+            return parts, []
+        import numpy as np
+
+        fs = self.store.pyarrow_filesystem()
+        now = time.time()
+        out: list[dict[str, Any]] = []
+        retired: list[dict[str, Any]] = []
+        for p in parts:
+            if p["name"] in new_names:
+                out.append(p)
+                continue
+            native = self.store.path(self.rel, p["path"])
+            drop = None
+            for columns, predicate, _into in self._retire:
+                t = pq.read_table(native, filesystem=fs, columns=columns)
+                d = np.asarray(predicate(t), bool)
+                drop = d if drop is None else drop | d
+            if drop is None or not drop.any():
+                out.append(p)
+                continue
+            retired.append({"path": p["path"], "retired_at": now, "rows": int(drop.sum())})
+            if drop.all():
+                continue
+            keep = pq.read_table(native, filesystem=fs).filter(pa.array(~drop))
+            into = self._retire[0][2]
+            base = p["name"].rsplit("/", 1)[-1]
+            name = f"{into}/{base}-r{self.token}" if into else f"{base}-r{self.token}"
+            prel = f"{PARTS_DIR}/{name}.parquet"
+            size = self.store.write_parquet(f"{self.rel}/{prel}", keep)
+            self._parts.append({"name": name, "path": prel, "rows": int(keep.num_rows), "bytes": size})
+            out.append({"name": name, "path": prel, "rows": int(keep.num_rows), "bytes": size})
+        if retired:
+            logger.info("artifact %s: %d superseded rows dropped from %d parts", self.uri,
+                        sum(r["rows"] for r in retired), len(retired))
+        return out, retired
+
     def abort(self) -> None:
         """Give up: nothing is committed; delete what this writer wrote (best effort)."""
         if self._state != "open":
@@ -956,8 +1017,8 @@ class ArtifactWriter:
         self._check_open()
         parts = list(self._parts)
         files = list(self._files)
-        if self.append:
-            current = self.store.manifest(self.rel)  # re-read: another commit may have landed
+        current = self.store.manifest(self.rel) if (self.append or self._retire) else None
+        if self.append:  # current: re-read, another commit may have landed
             if current is not None:
                 self._check_compatible(current)
                 if current.get("schema") and self._schema is not None:
@@ -974,6 +1035,8 @@ class ArtifactWriter:
                 parts = [*(current.get("parts") or []), *parts]
                 new_files = {f["name"] for f in files}
                 files = [*(f for f in current.get("files") or [] if f["name"] not in new_files), *files]
+        parts, retired = self._apply_retire(parts, {p["name"] for p in self._parts})
+        retired = [*((current or self._previous or {}).get("retired") or []), *retired]
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "kind": self.kind,
@@ -989,8 +1052,89 @@ class ArtifactWriter:
             "mlflow_run_id": mlflow_run_id,
             "extra": redact(dict(extra or {})),
         }
+        if retired:
+            manifest["retired"] = retired
         self.store.write_json(f"{self.rel}/{MANIFEST}", manifest)
         self._state = "committed"
         logger.info("committed artifact %s (%s, %d parts, %d rows)", self.uri, self.kind, len(parts),
                     manifest["row_count"])
         return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweeping the parts no manifest lists
+# --------------------------------------------------------------------------------------------------
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for k in ("mtime", "LastModified", "last_modified", "created"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if isinstance(v, _dt.datetime):
+            return v.timestamp()
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return 0.0
+
+
+def sweep_parts(store: Store, rel: str, run_dead: Callable[[str, float], bool], grace_s: float = 3600.0,
+                ) -> dict[str, int]:
+    """Delete the part files of dead writers that no committed manifest lists (and retired parts).
+
+    Writers that place their parts in a run folder (``<rel>/parts/run-<id>/…``, the extraction) leave
+    them behind when killed before their commit; no reader takes them (no manifest lists them) and
+    nothing else would ever delete them.  A run folder is swept only when ``run_dead(run, newest_mtime)``
+    says its writer is gone (the caller decides, e.g. from the run's lease), so a live run's parts,
+    written but not committed yet, are never touched.  Parts the manifest ``retired`` (rows superseded
+    by :meth:`ArtifactWriter.retire_rows`) are deleted once retired for more than ``grace_s`` seconds,
+    so a reader holding the previous manifest can still finish.
+
+    Args:
+        store: the storage root.
+        rel: the artifact folder.
+        run_dead: ``(run folder name, newest file mtime in Unix seconds) → bool``.
+        grace_s: seconds a retired part is kept.
+
+    Returns:
+        ``{"orphans": files of dead runs deleted, "retired": retired parts deleted, "runs": dead run
+        folders swept}``.
+    """
+    m = store.manifest(rel) or {}
+    listed = {p.get("path") or f"{PARTS_DIR}/{p['name']}.parquet" for p in m.get("parts") or []}
+    base = store.path(rel, PARTS_DIR)
+    try:
+        found = store.fs.find(base, detail=True)
+    except FileNotFoundError:
+        found = {}
+    runs: dict[str, list[tuple[str, float]]] = {}
+    prefix = store.path(rel) + "/"
+    for native, info in found.items():
+        if info.get("type") == "directory":
+            continue
+        relpath = native[len(prefix):] if native.startswith(prefix) else native
+        segs = relpath.split("/")
+        if len(segs) >= 3 and segs[1].startswith("run-"):
+            runs.setdefault(segs[1], []).append((relpath, _mtime(info)))
+    out = {"orphans": 0, "retired": 0, "runs": 0}
+    for run, files in sorted(runs.items()):
+        orphans = [f for f, _ in files if f not in listed]
+        if not orphans or not run_dead(run, max(t for _, t in files)):
+            continue
+        out["runs"] += 1
+        for f in orphans:
+            store.delete(f"{rel}/{f}")
+            out["orphans"] += 1
+    now = time.time()
+    for r in m.get("retired") or []:
+        path = r.get("path")
+        if path and path not in listed and now - float(r.get("retired_at") or now) > grace_s \
+                and store.exists(rel, path):
+            store.delete(f"{rel}/{path}")
+            out["retired"] += 1
+    if out["orphans"] or out["retired"]:
+        logger.info("artifact %s: swept %d uncommitted part files of %d dead runs and %d retired parts",
+                    store.uri(rel), out["orphans"], out["runs"], out["retired"])
+    return out

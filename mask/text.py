@@ -191,6 +191,42 @@ class ContentWordParser:
             raise TextError(f"batch_size must be >= 1, got {batch_size}")
         return self._parse_many(texts, batch_size)
 
+    def explain(self, text: str) -> list[tuple[str, str]]:
+        """Why each token of one text is, or is not, a content word (what a query reports when it drops words).
+
+        Args:
+            text: the text.
+
+        Returns:
+            ``[(token, reason)]`` for every token but punctuation and spaces, in order; ``reason`` is ``""``
+            for a token that gives a word, else ``"a stopword"``, ``"tagged DET, not NOUN/ADJ"`` (the keep_pos
+            rule) or ``"not a word of 2+ letters"``.
+
+        Raises:
+            TextError: ``text`` is not a str.
+        """
+        if not isinstance(text, str):
+            raise TextError(f"text: expected a str, got {type(text).__name__} ({text!r:.80})")
+        t = unicodedata.normalize("NFC", text)
+        if not t.strip():
+            return []
+        tokens, _ = self._tag_spacy([t], 1)[0] if self.backend == "spacy" else self._tag_nltk(t)
+        keep = "/".join(sorted(self.keep_pos))
+        out = []
+        for surface, pos, lemma in tokens:
+            if pos in ("PUNCT", "SPACE"):
+                continue
+            if surface.lower() in self.stopwords:
+                reason = "a stopword"
+            elif pos not in self.keep_pos:
+                reason = f"tagged {pos}, not {keep}"
+            elif not self._forms(surface, lemma):
+                reason = "not a word of 2+ letters"
+            else:
+                reason = ""
+            out.append((surface, reason))
+        return out
+
     # ------------------------------------------------------------------------------------------------
     def _parse_many(self, texts: list[str], batch_size: int) -> list[list[str]]:
         out: list[list[str]] = [[] for _ in texts]

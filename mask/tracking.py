@@ -272,6 +272,66 @@ class Run:
         self._client.log_artifact(self.run_id, os.fspath(local_path), artifact_path)
 
 
+class BufferedRun:
+    """A run whose params, tags and step-less metrics are kept in memory and logged by :meth:`flush` in
+    as few ``log_batch`` calls as MLflow allows (each call is a database transaction, ~0.05–0.1 s on a
+    SQLite store): for short jobs that log many small groups (``jobs/reindex.py``).  Metrics with a step,
+    artifacts and dicts go through at once.  Use ``with BufferedRun(run) as run:`` so that what was
+    buffered is logged also when the job fails.
+    """
+
+    def __init__(self, run):
+        self._run = run
+        self.run_id = run.run_id
+        self.tracking_uri = getattr(run, "tracking_uri", None)
+        self._params: dict[str, Any] = {}
+        self._metrics: dict[str, Any] = {}
+        self._tags: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"BufferedRun({self._run!r})"
+
+    def __enter__(self) -> BufferedRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._params.update(params)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if step is not None:
+            self._run.log_metrics(metrics, step)
+            return
+        for k, v in metrics.items():
+            _metric_value(k, v)  # a non-number fails here, where it was logged
+        self._metrics.update(metrics)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._tags.update(tags)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self._run.log_dict(obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._run.log_text(text, artifact_file)
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._run.log_artifact(local_path, artifact_path)
+
+    def flush(self) -> None:
+        """Log what was buffered (params, then tags, then metrics) and empty the buffers."""
+        params, metrics, tags = self._params, self._metrics, self._tags
+        self._params, self._metrics, self._tags = {}, {}, {}
+        if params:
+            self._run.log_params(params)
+        if tags:
+            self._run.set_tags(tags)
+        if metrics:
+            self._run.log_metrics(metrics)
+
+
 class NullRun:
     """The run of a job with tracking disabled: same methods, nothing logged, ``run_id`` None."""
 

@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import uuid
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -132,11 +132,13 @@ def vectors_for(kv, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """
     words = list(words)
     index = kv.key_to_index
-    idx = np.empty(len(words), dtype=np.int64)  # (W,)
     for i, w in enumerate(words):
         if not isinstance(w, str):
             raise VectorsError(f"words[{i}]: expected a str, got {type(w).__name__} ({w!r})")
-        idx[i] = index.get(w, -1)
+    if isinstance(index, _KeyIndex):
+        idx = index.lookup(words)  # (W,)
+    else:
+        idx = np.fromiter((index.get(w, -1) for w in words), np.int64, len(words))  # (W,)
     found = idx >= 0  # (W,)
     out = np.zeros((len(words), kv.vector_size), dtype=np.float32)  # (W, N)
     if found.any():
@@ -360,16 +362,67 @@ def _open_cache(folder: Path):
 
     meta = json.loads((folder / "meta.json").read_text())
     vectors = np.load(folder / "vectors.npy", mmap_mode="r")  # (V, N)
-    keys = pq.read_table(folder / "keys.parquet").column("key").to_pylist()
+    key_column = pq.read_table(folder / "keys.parquet").column("key").combine_chunks()
+    keys = key_column.to_pylist()
     if vectors.shape != (len(keys), meta["dim"]):
         raise VectorsError(f"word vectors cache {folder}: vectors {vectors.shape} do not match "
                            f"{len(keys)} keys of dim {meta['dim']}; delete the folder to rebuild it")
     kv = KeyedVectors(vector_size=int(meta["dim"]), count=0, dtype=np.float32)
     kv.vectors = vectors
     kv.index_to_key = keys
-    kv.key_to_index = {k: i for i, k in enumerate(keys)}
+    kv.key_to_index = _KeyIndex(keys, key_column)
     kv.next_index = len(keys)
     return kv
+
+
+class _KeyIndex(Mapping):
+    """``key → row`` of a cached vocabulary, as a dict built on first use (a Python dict of 400k GloVe keys
+    costs ~0.1–3 s per process); :func:`vectors_for` looks up a batch of words without it, with one scan
+    of the keys through Arrow's hash kernel against the (small) set of words asked for."""
+
+    def __init__(self, keys: list[str], arrow_keys=None):
+        self._keys = keys
+        self._arrow = arrow_keys
+        self._dict: dict[str, int] | None = None
+
+    def _d(self) -> dict[str, int]:
+        if self._dict is None:
+            d: dict[str, int] = {}
+            for i, k in enumerate(self._keys):
+                d.setdefault(k, i)
+            self._dict = d
+        return self._dict
+
+    def __getitem__(self, key: str) -> int:
+        return self._d()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d()
+
+    def __iter__(self):
+        return iter(self._d())
+
+    def __len__(self) -> int:
+        return len(self._d())
+
+    def lookup(self, words: list[str]) -> np.ndarray:
+        """Rows of ``words`` (-1 when absent; the first row of a repeated key, as the dict)."""
+        if self._dict is not None or self._arrow is None:
+            d = self._d()
+            return np.fromiter((d.get(w, -1) for w in words), np.int64, len(words))
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        uniq = list(dict.fromkeys(words))
+        pos = pc.index_in(self._arrow, value_set=pa.array(uniq, pa.string()))  # (V,) index into uniq or null
+        rows = np.flatnonzero(np.asarray(pos.is_valid().to_numpy(zero_copy_only=False), bool))  # ascending
+        which = np.asarray(pos.take(pa.array(rows)).to_numpy(zero_copy_only=False), np.int64)
+        first_row = np.full(len(uniq), -1, np.int64)
+        u, at = np.unique(which, return_index=True)
+        first_row[u] = rows[at]
+        at_word = {w: i for i, w in enumerate(uniq)}
+        return first_row[np.fromiter((at_word[w] for w in words), np.int64, len(words))] if words \
+            else np.zeros(0, np.int64)
 
 
 def _convert(src: _Source, target: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -120,3 +121,27 @@ def test_a_create_whose_reply_was_lost_is_still_ours(tmp_path, monkeypatch):
     lease.release()
     with pytest.raises(LeaseBusy, match="held by other"):
         Lease(s, "l", ttl_s=60, owner="me2", heartbeat=False).acquire()
+
+
+def test_holder_alive_tells_live_released_expired_and_gone_holders(tmp_path):
+    import subprocess
+    import sys
+
+    from mask.lease import Lease, holder_alive
+    from mask.storage import Store
+
+    store = Store(str(tmp_path))
+    assert holder_alive(store, "l/none") is None
+    live = Lease(store, "l/live", ttl_s=600, heartbeat=False).acquire()
+    assert holder_alive(store, "l/live") is True
+    live.release()
+    assert holder_alive(store, "l/live") is False
+    Lease(store, "l/expired", ttl_s=0.01, heartbeat=False).acquire()
+    time.sleep(0.05)
+    assert holder_alive(store, "l/expired") is False
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    Lease(store, "l/gone", ttl_s=600, heartbeat=False, owner=f"{socket.gethostname()}:{p.pid}:x").acquire()
+    assert holder_alive(store, "l/gone") is False  # its process no longer exists
+    Lease(store, "l/remote", ttl_s=600, heartbeat=False, owner="another-host:1:x").acquire()
+    assert holder_alive(store, "l/remote") is True  # cannot tell: alive until it expires

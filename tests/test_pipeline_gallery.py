@@ -294,6 +294,21 @@ def test_bad_npy(tmp_path, array, message):
         _load(tmp_path, array=array, name="x.npy")
 
 
+def test_non_npy_and_object_npy_are_named_for_what_they_are(tmp_path):
+    from mask.pipeline.base_scores import BaseScoresError
+    from mask.pipeline.rerank import load_base_scores
+
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"image_id,caption_id,score\na,a0,1.0\n")
+    with pytest.raises(BaseScoresError, match=r"garbage\.npy: not a \.npy file \(no NumPy header") as e:
+        load_base_scores(str(garbage), IMGS, CAPS)
+    assert "pickle" not in str(e.value)
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([[{"a": 1}] * 6] * 3, dtype=object), allow_pickle=True)
+    with pytest.raises(BaseScoresError, match=r"objects\.npy: .*Python objects \(dtype object\), not numbers"):
+        load_base_scores(str(objects), IMGS, CAPS)
+
+
 @pytest.mark.parametrize("table, message", [
     ({"image_id": ["a", "zz"], "caption_id": ["a0", "a1"], "score": [1.0, 2.0]}, r"unknown image_id.*'zz'"),
     ({"image_id": ["a", "b"], "caption_id": ["a0", "q9"], "score": [1.0, 2.0]}, r"unknown caption_id.*'q9'"),
@@ -390,7 +405,7 @@ def test_query_job_returns_ranked_ids_with_word_sources(world):
     caps = f["captions.parquet"]
     text = caps.column("text")[7].as_py()
     image = f["images.parquet"].column("image_id")[2].as_py()
-    out = query.main([*world["args"], "--index", rel, "--text", text, "--text", "zzqx", "--image", image, "--top", "4"])
+    out = query.main([*world["args"], "--index", rel, "--text", text, "--image", image, "--top", "4"])
     q = out["text"][0]
     assert [w["word"] for w in q["words"]] and {w["source"] for w in q["words"]} <= {"knowledge", "ood", "missing"}
     assert len(q["results"]) == 4
@@ -401,7 +416,6 @@ def test_query_job_returns_ranked_ids_with_word_sources(world):
     ids = f["images.parquet"].column("image_id").to_pylist()
     for r in q["results"]:
         assert r["score"] == pytest.approx(float(dense[ids.index(r["image_id"]), 7]), abs=1e-5)
-    assert out["text"][1]["words"] == [{"word": "zzqx", "source": "missing"}] or out["text"][1]["words"] == []
     im = out["image"][0]
     assert len(im["results"]) == 4
     for r in im["results"]:
@@ -416,3 +430,92 @@ def test_query_unknown_image(world):
 
     with pytest.raises(QueryError, match="'nope' is not in the index"):
         query.main([*world["args"], "--image", "nope"])
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("the and of a", ["'the' (a stopword)", "'of' (a stopword)"]),
+    ("zzqx", ["'zzqx' ("]),
+    ("", ["empty"]),
+])
+def test_query_without_a_usable_word_fails_naming_the_dropped_words(world, text, needles):
+    from jobs import query
+    from mask.pipeline.query import QueryError
+
+    with pytest.raises(QueryError, match="no word to score with|empty") as e:
+        query.main([*world["args"], "--text", text])
+    for n in needles:
+        assert n in str(e.value)
+
+
+def test_query_evidence_is_the_argmax_region_and_is_drawn(world, tmp_path):
+    """Each result names, per word, the region eq. 10's max picked; --show draws them (PNG and HTML)."""
+    from PIL import Image
+
+    from jobs import query
+    from mask.pipeline.index import read_index_file, read_mu
+    from mask.scoring import normalize_rows
+
+    store, rel, f = _index(world)
+    vocab = read_index_file(store, rel, "words.parquet")
+    scorable = {w for w, s in zip(vocab.column("word").to_pylist(), vocab.column("source").to_pylist(), strict=True)
+                if s != "missing"}
+    caps = f["captions.parquet"]
+    text = next(t for t, ws in zip(caps.column("text").to_pylist(), caps.column("words").to_pylist(), strict=True)
+                if len(scorable.intersection(ws)) >= 2)
+    image = f["images.parquet"].column("image_id")[1].as_py()
+    png = tmp_path / "why.png"
+    out = query.main([*world["args"], "--index", rel, "--text", text, "--image", image, "--top", "3",
+                      "--show", str(png)])
+    q = out["text"][0]
+    scored = [w["word"] for w in q["words"] if w["source"] != "missing"]
+    info = read_index_file(store, rel, "index.json")
+    from mask.pipeline.query import QueryEngine
+
+    engine = QueryEngine.from_index(_cfg(world), store, rel)
+    _, protos = engine.words(text)
+    for hit in q["results"]:
+        assert [m["word"] for m in hit["regions"]] == scored
+        mu = read_mu(store, info["mu"], [hit["image_id"]])
+        n, z = int(mu.column("num_boxes")[0].as_py()), int(mu.column("latent_dim")[0].as_py())
+        m = normalize_rows(np.asarray(mu.column("mu")[0].as_py(), np.float32).reshape(n, z))
+        sims = m @ protos.T  # (n, W): the reference, each word's best region
+        for k, ev in enumerate(hit["regions"]):
+            assert ev["region"] == int(np.argmax(sims[:, k]))
+            assert ev["score"] == pytest.approx(float(sims[:, k].max()), abs=1e-5)
+        assert np.mean([ev["score"] for ev in hit["regions"]]) == pytest.approx(hit["score"], abs=1e-5)
+    for hit in out["image"][0]["results"]:
+        assert hit["regions"] and all(0 <= m["region"] for m in hit["regions"])
+    assert out["shown"] == [str(png), str(tmp_path / "why-2.png")]
+    for p in out["shown"]:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.width > 300
+    page = tmp_path / "why.html"
+    query.main([*world["args"], "--index", rel, "--text", text, "--top", "2", "--show", str(page)])
+    body = page.read_text()
+    assert "data:image/png;base64," in body and scored[0] in body
+
+
+def _cfg(world):
+    from mask.config import load_config
+
+    return load_config("demo", world["args"])
+
+
+def test_a_failed_main_job_registers_no_model_version(world, monkeypatch):
+    """Register last: the knowledge is committed (and reused), but a run that fails in its evaluation
+    leaves the registry as it was (today's code registered first, then failed)."""
+    from jobs import build_knowledge
+    from mask import tracking
+    from mask.pipeline import build
+
+    cfg = _cfg(world)
+    client, _ = tracking._client(cfg.tracking, str(world["root"]))
+    before = len(client.search_model_versions(f"name='{cfg.tracking.registered_model}'"))
+
+    def broken(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(build, "evaluate_gallery", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        build_knowledge.main(world["args"])
+    assert len(client.search_model_versions(f"name='{cfg.tracking.registered_model}'")) == before

@@ -288,3 +288,68 @@ def test_user_folder_with_a_captions_file_grows_incrementally(world, tmp_path):
     assert (r["images_new"], r["features_extracted"], r["mu_computed"], r["captions_parsed"]) == (2, 2, 2, 10)
     assert r["captions"] == 33
     assert reindex.main(args)["status"] == "up-to-date"
+
+
+def test_changed_image_bytes_and_caption_text_are_recomputed(world, tmp_path):
+    """Same ids, other content: a truncated image repaired, a photo replaced by another one, a caption's
+    text edited.  The re-index extracts exactly those two images again, recomputes their μ and per-word
+    terms (not the others'), re-parses the one caption, and equals a from-scratch build."""
+    import csv
+    import shutil
+
+    from jobs import reindex
+    from mask.config import load_config
+    from mask.pipeline.index import build_index, read_index_file
+    from mask.pipeline.runtime import JobContext
+    from mask.pipeline.steps import ensure_dataset, resolve_and_load_knowledge
+    from mask.tracking import NullRun
+
+    store = _store(world)
+    images = store.read_table("datasets/demo_gallery/images").to_pylist()[:6]
+    captions = [c for c in store.read_table("datasets/demo_gallery/captions").to_pylist()
+                if c["image_id"] in {r["image_id"] for r in images[:4]}]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for rec in images[:4]:
+        shutil.copy(rec["uri"], folder / f"{rec['image_id']}.jpg")
+    broken, replaced = images[2]["image_id"], images[3]["image_id"]
+    good = Path(images[2]["uri"]).read_bytes()
+    (folder / f"{broken}.jpg").write_bytes(good[: len(good) // 3])  # truncated
+
+    def write_captions(edit: str | None):
+        with open(tmp_path / "captions.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["caption_id", "image_id", "text"])
+            w.writeheader()
+            for c in captions:
+                text = edit if edit and c["caption_id"] == captions[0]["caption_id"] else c["text"]
+                w.writerow({"caption_id": c["caption_id"], "image_id": c["image_id"], "text": text})
+
+    write_captions(None)
+    args = [f"storage.root={world['root']}", *SMALL, "gallery.name=changing", "gallery.kind=folder",
+            f"gallery.path={folder}", f"gallery.captions={tmp_path / 'captions.csv'}", "gallery.splits=null",
+            "detector.batch_size=1", "index.local_max_images=0", "index.mu_commit_images=2",  # μ: Ray Data, 2 commits
+            "--knowledge", world["built"]["knowledge"]["uri"]]
+    first = reindex.main(args)
+    assert first["status"] == "built" and first["reuse"]["images"] == 3  # the truncated one is left out
+    assert first["reuse"]["mu_where"] == "ray-data" and first["reuse"]["mu_commits"] == 2
+    # repair the truncated file, replace a photo by another (same id), edit one caption
+    (folder / f"{broken}.jpg").write_bytes(good)
+    shutil.copy(images[5]["uri"], folder / f"{replaced}.jpg")
+    write_captions("a purple umbrella next to a small red ball")
+    second = reindex.main(args)
+    r = second["reuse"]
+    assert second["status"] == "built" and second["previous"] == first["version"]
+    assert (r["images"], r["features_extracted"], r["mu_computed"], r["mu_changed"]) == (4, 2, 2, 1)
+    assert r["mu_commits"] == 1
+    assert r["word_score_rows_computed"] == 2 and r["captions_parsed"] == 1
+    rel = f"indexes/changing/{second['version']}"
+    caps = {c["caption_id"]: c for c in read_index_file(store, rel, "captions.parquet").to_pylist()}
+    assert set(caps[captions[0]["caption_id"]]["words"]) >= {"umbrella", "ball"}
+    # the same as a from-scratch build of the changed gallery
+    cfg = load_config("demo", args[:-2])
+    ctx = JobContext.from_config(cfg)
+    k = resolve_and_load_knowledge(cfg, ctx.store, world["built"]["knowledge"]["uri"])
+    full = build_index(ctx, NullRun(), k, ensure_dataset(ctx, cfg.gallery, None), "i-scratch-changed", None)
+    assert full.reuse["mu_computed"] == 0 and full.reuse["features_extracted"] == 0
+    np.testing.assert_allclose(read_index_file(store, rel, "scores.npy"), full.dense, rtol=1e-5, atol=1e-6)
+    assert reindex.main(args)["status"] == "up-to-date"

@@ -487,3 +487,31 @@ def test_add_existing_part_from_workers(store, rng):
     with store.open_artifact("f", kind="features", config_hash="h", append=True) as w:
         with pytest.raises(StorageError, match="already exists"):
             w.add_existing_part("run-1/a")
+
+
+def test_retire_rows_replaces_superseded_rows_in_one_commit(tmp_path):
+    """Rows of committed parts are dropped in the same manifest write that adds their replacements; the old
+    part files stay (listed as retired) until a sweep after the grace period."""
+    import pyarrow as pa
+
+    from mask.storage import Store, sweep_parts
+
+    store = Store(str(tmp_path))
+    rel = "features/x"
+    with store.open_artifact(rel, kind="f", config_hash="h") as w:
+        w.write_part(pa.table({"image_id": ["a", "b"], "v": [1, 2]}), name="p1")
+        w.write_part(pa.table({"image_id": ["c"], "v": [3]}), name="p2")
+    with store.open_artifact(rel, kind="f", config_hash="h", append=True) as w:
+        w.write_part(pa.table({"image_id": ["b", "c"], "v": [20, 30]}), name="p3")
+        w.retire_rows(["image_id", "v"], lambda t: pa.compute.and_(
+            pa.compute.is_in(t["image_id"], pa.array(["b", "c"])), pa.compute.less(t["v"], 10)).to_numpy(
+                zero_copy_only=False), into="run-1")
+    got = store.read_table(rel).sort_by("image_id")
+    assert got.column("image_id").to_pylist() == ["a", "b", "c"] and got.column("v").to_pylist() == [1, 20, 30]
+    m = store.manifest(rel)
+    assert sorted(r["path"] for r in m["retired"]) == ["parts/p1.parquet", "parts/p2.parquet"]
+    assert store.exists(rel, "parts/p1.parquet") and store.exists(rel, "parts/p2.parquet")  # readers of the old manifest
+    assert any(p["path"].startswith("parts/run-1/p1-r") for p in m["parts"])
+    assert sweep_parts(store, rel, lambda run, t: True, grace_s=3600)["retired"] == 0
+    assert sweep_parts(store, rel, lambda run, t: True, grace_s=0)["retired"] == 2
+    assert not store.exists(rel, "parts/p1.parquet") and store.read_table(rel).num_rows == 3

@@ -16,26 +16,25 @@ config for jobs/*.py), the registered knowledge and the held-out test metrics.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from jobs._cli import parse, print_summary  # noqa: E402
+from jobs._cli import job_parser, parse_job, print_summary, run  # noqa: E402
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "spaces" / "demo.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
-    p.add_argument("--space", default=str(DEFAULT_SPACE))
-    p.add_argument("--name", default=None)
-    p.add_argument("--resume", action="store_true")
-    args, rest = p.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        print(__doc__)
-    cfg = parse(rest, __doc__.splitlines()[0])
+    p = job_parser(__doc__)
+    p.add_argument("--space", default=str(DEFAULT_SPACE), metavar="FILE",
+                   help="YAML search space (default: tune/spaces/demo.yaml)")
+    p.add_argument("--name", default=None, help="sweep folder sweeps/<NAME>/ (default: sweep-<hash of config "
+                                                "and space>)")
+    p.add_argument("--resume", action="store_true",
+                   help="restore the sweep's Tune experiment (sweeps/<NAME>/tune); fail when there is none")
+    args, cfg = parse_job(p, argv)
     from mask.sweep import SpaceError, load_space
 
     try:
@@ -61,4 +60,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -52,6 +52,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array torch may wrap: ``a`` itself when writable, else a copy (no read-only tensor)."""
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
 class FeatureOverflow(MaskError, ValueError):
     """Region features that are not finite in float16 (broken or uncalibrated weights)."""
 
@@ -208,7 +214,8 @@ class RegionExtractor:
             groups[tuple(b.shape)].append(i)
         with torch.inference_mode():
             for idx in groups.values():
-                x = [torch.from_numpy(np.ascontiguousarray(blobs[i])).to(self.device) for i in idx]
+                # blobs that come from Ray's object store are read-only views; torch needs its own copy
+                x = [torch.from_numpy(_writable(blobs[i])).to(self.device) for i in idx]
                 bx = None
                 if boxes is not None:
                     bx = [torch.from_numpy(given[i][0] * scales[i]).to(self.device) for i in idx]

@@ -49,6 +49,7 @@ from mask.pipeline.extract import ERRORS_SCHEMA, read_uri
 from mask.pipeline.identity import CLIP_EXECUTION_FIELDS, WEIGHT_SUFFIXES, base_scores_rel, weights_label
 from mask.pipeline.runtime import JobContext, cluster_gpus, init_ray, job_run
 from mask.pipeline.steps import ensure_dataset, require_gallery
+from mask.preflight import check_inputs
 from mask.storage import Store, fingerprint, fingerprint_files, parse_uri, redact_text
 
 logger = logging.getLogger(__name__)
@@ -477,7 +478,7 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
                "inputs_per_s": round((n_img + n_cap) / secs, 3) if secs > 0 else 0.0}
     run_id = getattr(tracker, "run_id", None)
 
-    err_table = pa.table({k: pa.array([e[k] for e in errors], pa.string()) for k in ERRORS_SCHEMA.names},
+    err_table = pa.table({k: pa.array([e.get(k) for e in errors], pa.string()) for k in ERRORS_SCHEMA.names},
                          schema=ERRORS_SCHEMA)
     with store.open_artifact(f"{rel}/_errors", kind="base_scores.errors", config_hash=h,
                              inputs={"gallery": gallery}) as w:
@@ -520,6 +521,7 @@ def base_scores_job(cfg: MaskConfig) -> dict[str, Any]:
         BaseScoresError: the config names no gallery, or no gallery image could be used.
     """
     require_gallery(cfg, BaseScoresError)
+    check_inputs(cfg, ["gallery"], gallery_captions=True)  # before Ray and MLflow start
     ctx = JobContext.from_config(cfg)
     uri = ctx.tracking_uri if cfg.tracking.enabled else None
     # Ray starts in compute_base_scores, only when the matrix is not committed yet

@@ -2,7 +2,8 @@
 
 Each step checks storage first and runs only what is missing for this config, so a rerun reuses
 committed work (:mod:`mask.pipeline.steps`).  :func:`build_knowledge` tracks everything in one MLflow
-run and registers the knowledge as a model version of ``mask-knowledge`` with its lineage.  Training
+run and registers the knowledge as a model version of ``mask-knowledge`` with its lineage — last, so only a
+run that succeeded registers one; inputs are checked before Ray starts (:mod:`mask.preflight`).  Training
 runs resume: see :func:`mask.pipeline.train.run_training` and :func:`mask.pipeline.identity.train_run_name`.
 """
 
@@ -20,6 +21,7 @@ from mask.pipeline.identity import knowledge_version
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import knowledge_table, prepare_training_inputs, with_ood_vocabulary
 from mask.pipeline.train import train_model
+from mask.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,9 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
     Returns:
         A summary: knowledge URI, MLflow run id and model version, counts, and the evaluation table.
     """
+    # every check that needs no computation, before Ray and MLflow start (a captionless gallery fails here,
+    # not after training)
+    check_inputs(cfg, ["dataset", "gallery"] if cfg.gallery is not None else ["dataset"], gallery_captions=True)
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     uri = ctx.tracking_uri
@@ -61,11 +66,12 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
         # 4b. modality-gap measures of the trained MTM (gap.* metrics; diagnostics, never fatal)
         summary["gap"] = log_gap_measures(store, cfg, table, knowledge_checkpoint(store, krel), run)
         summary["mlflow"] = {"tracking_uri": uri, "run_id": run_id}
+        # 5. evaluation on the gallery, if any
+        if cfg.gallery is not None:
+            summary["evaluation"] = evaluate_gallery(ctx, table, pae_bytes, inputs.det_weights, run)
+        # 6. register last: a model version (and the move of alias `latest`) only for a run that succeeded
         if run_id is not None:
             summary["mlflow"]["model_version"] = tracking.register_knowledge(
                 cfg.tracking, store.root, store.uri(krel), run_id,
                 {"features": summary["features"]["features_uri"], "config_hash": version})
-        # 5. evaluation on the gallery, if any
-        if cfg.gallery is not None:
-            summary["evaluation"] = evaluate_gallery(ctx, table, pae_bytes, inputs.det_weights, run)
     return summary

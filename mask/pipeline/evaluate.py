@@ -36,6 +36,7 @@ from mask.pipeline.represent import image_representations
 from mask.pipeline.rerank import load_base_scores
 from mask.pipeline.runtime import JobContext, cluster_gpus, job_run
 from mask.pipeline.steps import MU_COLUMNS, GalleryError, ensure_dataset, features_dataset, require_gallery
+from mask.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def evaluate_job(cfg: MaskConfig, index_ref: str | None = None, scores_path: str
     """
     if protocol not in PROTOCOLS:
         raise GalleryError(f"--protocol {protocol!r}: expected one of {PROTOCOLS}")
+    check_inputs(cfg, [])  # the storage root is writable (the MLflow store lives there)
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     rel = find_index(cfg, store, index_ref)

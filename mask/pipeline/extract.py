@@ -40,12 +40,16 @@ from mask.config import DetectorConfig, MaskConfig
 from mask.faults import driver_spec, exit_point
 from mask.features.extractor import RegionExtractor, spec_from_config
 from mask.features.images import ImageError, decode_image, resize_for_detector
+from mask.lease import Lease, holder_alive
 from mask.pipeline.identity import extractor_name, features_rel
 from mask.pipeline.runtime import cluster_gpus
-from mask.storage import Store
+from mask.sources import source_stamps
+from mask.storage import Store, sweep_parts
 
 logger = logging.getLogger(__name__)
 
+#: Folder (inside the features artifact) of the per-run leases that tell a live run's parts from a dead one's.
+RUNS_DIR = "_runs"
 
 FEATURES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -60,7 +64,11 @@ FEATURES_SCHEMA = pa.schema([
     ("attr_labels", pa.list_(pa.int32())),
     ("attr_scores", pa.list_(pa.float32())),
     ("region_ids", pa.list_(pa.string())),
+    ("source_stamp", pa.string()),
+    ("content_sha256", pa.string()),
 ])
+#: Columns of a features row that describe the image's source, not its features (kept on error rows too).
+SOURCE_COLUMNS = ("source_stamp", "content_sha256")
 
 DETECTOR_FILE = "detector.safetensors"
 
@@ -70,6 +78,8 @@ ERRORS_SCHEMA = pa.schema([
     ("stage", pa.string()),
     ("error", pa.string()),
     ("message", pa.string()),
+    ("source_stamp", pa.string()),
+    ("content_sha256", pa.string()),
 ])
 
 
@@ -88,23 +98,31 @@ def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
     pixel_mean = spec_from_config(det).pixel_mean_bgr
     n = len(batch["image_id"])
     blobs: list[np.ndarray] = []
-    cols: dict[str, list] = {"scale": [], "image_h": [], "image_w": [], "stage": [], "error": [], "message": []}
+    cols: dict[str, list] = {"scale": [], "image_h": [], "image_w": [], "stage": [], "error": [], "message": [],
+                             "content_sha256": []}
     for i in range(n):
         uri = str(batch["uri"][i])
+        digest = ""
         try:
-            img = decode_image(read_uri(uri, storage_options), max_pixels=det.max_pixels, source=uri)
+            data = read_uri(uri, storage_options)
+            digest = hashlib.sha256(data).hexdigest()
+            img = decode_image(data, max_pixels=det.max_pixels, source=uri)
             blob, scale = resize_for_detector(img, det.min_size, det.max_size, pixel_mean)
             blobs.append(blob)
-            vals = [scale, img.shape[0], img.shape[1], "", "", ""]
+            vals = [scale, img.shape[0], img.shape[1], "", "", "", digest]
         except ImageError as e:
             blobs.append(np.zeros((3, 1, 1), np.float32))
-            vals = [1.0, 0, 0, e.stage, type(e).__name__, str(e)]
+            vals = [1.0, 0, 0, e.stage, type(e).__name__, str(e), digest]
         for k, v in zip(cols, vals, strict=True):
             cols[k].append(v)
     out = dict(batch)
+    if "region_ids" in out:
+        # numpy batches hold list<string> as object arrays of object arrays, which Ray Data cannot turn back
+        # into Arrow (it pickles the column, with a warning); Python lists convert to list<string>
+        out["region_ids"] = _object_array([[str(x) for x in r] for r in out["region_ids"]])
     out["blob"] = _object_array(blobs)
     for k, v in cols.items():
-        out[k] = np.array(v, dtype=object if k in ("stage", "error", "message") else None)
+        out[k] = np.array(v, dtype=object if k in ("stage", "error", "message", "content_sha256") else None)
     return out
 
 
@@ -193,6 +211,9 @@ def _detect_columns(batch: dict[str, Any], results: dict[int, dict], given: bool
     for i in range(n):
         cols["image_id"].append(str(batch["image_id"][i]))
         cols["uri"].append(str(batch["uri"][i]))
+        for k in SOURCE_COLUMNS:
+            v = batch[k][i] if k in batch else None
+            cols[k].append(None if v is None or v == "" else str(v))
         res = results.get(i)
         err = batch["error"][i]
         if res is not None and "error" in res:
@@ -217,7 +238,8 @@ def _detect_columns(batch: dict[str, Any], results: dict[int, dict], given: bool
             cols["message"].append("")
         if res is None:
             for k in FEATURES_SCHEMA.names[1:]:
-                cols[k].append(None)
+                if k not in SOURCE_COLUMNS:
+                    cols[k].append(None)
             continue
         feats = np.asarray(res["features"], np.float16)
         cols["boxes"].append(np.asarray(res["boxes"], np.float32).reshape(-1))
@@ -292,7 +314,8 @@ def write_batch(batch: pa.Table, root: str, options: dict[str, Any], rel: str, r
         kinds[f"{st}.{er}"] = kinds.get(f"{st}.{er}", 0) + 1
     return {"part": np.array([out_name]), "rows": np.array([good.num_rows]),
             "errors_part": np.array([err_name]), "error_rows": np.array([bad.num_rows]),
-            "error_kinds": np.array([json.dumps(kinds, sort_keys=True)])}
+            "error_kinds": np.array([json.dumps(kinds, sort_keys=True)]),
+            "image_ids": np.array([json.dumps([str(x) for x in batch["image_id"].to_pylist()])])}
 
 
 def committed_image_ids(store: Store, rel: str) -> set[str]:
@@ -304,10 +327,73 @@ def committed_image_ids(store: Store, rel: str) -> set[str]:
     return done
 
 
+def committed_stamps(store: Store, rel: str) -> dict[str, set[str | None]]:
+    """Image id → the source stamps its committed rows (features and errors) were extracted from."""
+    out: dict[str, set[str | None]] = {}
+    for r in (rel, f"{rel}/_errors"):
+        if store.manifest(r) is not None:
+            t = store.read_table(r, columns=["image_id", "source_stamp"])
+            for i, st in zip(t.column("image_id").to_pylist(), t.column("source_stamp").to_pylist(), strict=True):
+                out.setdefault(i, set()).add(st)
+    return out
+
+
+def _stale_rows(current: dict[str, str | None]):
+    """Predicate for :meth:`ArtifactWriter.retire_rows`: rows of the images of ``current`` whose recorded
+    stamp is not the current one (the image's bytes changed and it was extracted again)."""
+    def stale(t: pa.Table) -> np.ndarray:
+        ids = t.column("image_id").to_pylist()
+        stamps = t.column("source_stamp").to_pylist()
+        return np.fromiter((i in current and current[i] is not None and s is not None and s != current[i]
+                            for i, s in zip(ids, stamps, strict=True)), bool, len(ids))
+    return stale
+
+
+def sweep_dead_runs(store: Store, rel: str, ttl_s: float) -> dict[str, int]:
+    """Delete the uncommitted parts of extraction runs that died (features and errors), and their leases.
+
+    A run is dead when its lease (``<rel>/_runs/<run>``, :mod:`mask.lease`) is released or expired, or
+    its holder was a process of this host that is gone; runs without a lease (written before leases
+    existed) when their newest part is older than ``ttl_s``.  A live run's parts are never touched.
+    """
+    verdict: dict[str, bool] = {}
+
+    def dead(run: str, newest: float) -> bool:
+        if run not in verdict:
+            alive = holder_alive(store, f"{rel}/{RUNS_DIR}/{run}")
+            verdict[run] = (time.time() - newest > ttl_s) if alive is None else not alive
+        return verdict[run]
+
+    total = {"orphans": 0, "retired": 0, "runs": 0}
+    for r in (rel, f"{rel}/_errors"):
+        for k, v in sweep_parts(store, r, dead, grace_s=ttl_s).items():
+            total[k] += v
+    for run in store.list(f"{rel}/{RUNS_DIR}"):
+        alive = holder_alive(store, f"{rel}/{RUNS_DIR}/{run}")
+        if alive is False:
+            store.delete(f"{rel}/{RUNS_DIR}/{run}")
+    if total["orphans"]:
+        logger.warning("features %s: swept %d part files that runs killed before their commit left behind "
+                       "(%d runs)", store.uri(rel), total["orphans"], total["runs"])
+    return total
+
+
 def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table,
                    regions: pa.Table | None = None, detector_weights: str | None = None,
                    det: DetectorConfig | None = None, tracker: Any = None) -> dict[str, Any]:
-    """Extract region features for every image of ``images`` not yet committed.
+    """Extract region features for every image of ``images`` not yet committed, or changed since.
+
+    Progress is committed as it goes: the finished batches are appended to the artifacts' manifests
+    every ``detector.commit_every_batches`` batches or ``detector.commit_every_s`` seconds (each append
+    one atomic manifest write, after its parts are complete), so a rerun after the driver was killed
+    skips every committed image.  Each run holds a lease (``<artifact>/_runs/<run>``); a run first
+    sweeps the uncommitted parts of dead runs (:func:`sweep_dead_runs`).
+
+    Change detection (:mod:`mask.sources`): each row records its image's source stamp (size + mtime /
+    ETag) and the SHA-256 of the bytes decoded.  An image whose current stamp differs from every
+    committed row's is extracted again, and its old rows (features or ``_errors``) are dropped in the
+    same commit that adds the new one: a repaired file leaves ``_errors``, a replaced photo gets new
+    features.
 
     Args:
         cfg: the job config (ray, storage, detector).
@@ -320,8 +406,8 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
         tracker: an open tracking run (``log_metrics``, ``log_dict``) or None.
 
     Returns:
-        Summary: artifact URI, counts (images, done before, extracted, errors and errors by
-        ``stage.error``), actors and threads, seconds, images/s.
+        Summary: artifact URI, counts (images, done before, changed, extracted, errors and errors by
+        ``stage.error``, commits, swept parts), actors and threads, seconds, images/s.
 
     Raises:
         Whatever the Ray Data pipeline raised (after committing the batches that had finished).
@@ -330,26 +416,51 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
 
     det = det or cfg.detector
     rel = features_rel(dataset, det)
-    done = committed_image_ids(store, rel)
+    swept = sweep_dead_runs(store, rel, det.run_ttl_s)
+    have = committed_stamps(store, rel)
     ids = images.column("image_id").to_pylist()
-    todo_mask = np.array([i not in done for i in ids], dtype=bool)
-    todo = images.filter(pa.array(todo_mask))
+    stamps = source_stamps([str(u) for u in images.column("uri").to_pylist()], cfg.storage.options)
+    current = dict(zip(ids, stamps, strict=True))
+
+    def done(i: str) -> bool:
+        got = have.get(i)
+        return got is not None and (current[i] is None or current[i] in got or None in got)
+
+    todo_mask = np.array([not done(i) for i in ids], dtype=bool)
+    changed = {i for i, t in zip(ids, todo_mask, strict=True) if t and i in have}
+    # images with a current row and a stale one (a run that died between its two commits): cleaned now
+    settled_stale = {i for i in ids if i in have and done(i) and current[i] is not None and len(have[i]) > 1}
+    todo = images.filter(pa.array(todo_mask)).append_column(
+        "source_stamp", pa.array([s for s, t in zip(stamps, todo_mask, strict=True) if t], pa.string()))
     if det.mode == "given":
         if regions is None:
             raise ValueError(f"detector mode 'given' needs ground-truth regions for dataset {dataset!r}")
         todo = _attach_boxes(todo, regions)
+    if changed:
+        logger.info("features %s: %d images changed since they were extracted (new source stamp); extracting "
+                    "them again", dataset, len(changed))
     summary: dict[str, Any] = {"features_uri": store.uri(rel), "images": len(ids),
-                               "done_before": len(ids) - todo.num_rows}
+                               "done_before": len(ids) - todo.num_rows, "changed": len(changed),
+                               "swept_parts": swept["orphans"], "commits": 0}
     t0 = time.perf_counter()
     metas: list[dict] = []
+    committed_upto = 0
+    run_dir = f"run-{uuid.uuid4().hex[:12]}"
 
     def commit() -> None:
-        parts = sorted({m["part"] for m in metas if m["part"]})
-        err_parts = sorted({m["errors_part"] for m in metas if m["errors_part"]})
+        nonlocal committed_upto, settled_stale
+        new = metas[committed_upto:]
+        parts = sorted({m["part"] for m in new if m["part"]})
+        err_parts = sorted({m["errors_part"] for m in new if m["errors_part"]})
+        settled = {i for m in new for i in json.loads(m["image_ids"]) if i in changed} | settled_stale
+        retire = _stale_rows({i: current[i] for i in settled}) if settled else None
         _commit(store, rel, parts, kind="features", config_hash=extractor_name(det), schema=FEATURES_SCHEMA,
-                inputs={"dataset": dataset, "images": len(ids)}, tracker=tracker)
+                inputs={"dataset": dataset, "images": len(ids)}, tracker=tracker, retire=retire, into=run_dir)
         _commit(store, f"{rel}/_errors", err_parts, kind="features.errors", config_hash=extractor_name(det),
-                schema=ERRORS_SCHEMA, inputs={"dataset": dataset}, tracker=tracker)
+                schema=ERRORS_SCHEMA, inputs={"dataset": dataset}, tracker=tracker, retire=retire, into=run_dir)
+        committed_upto = len(metas)
+        settled_stale = set()
+        summary["commits"] += 1
 
     if todo.num_rows:
         gpus = cluster_gpus()
@@ -357,36 +468,49 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
         n_actors = det.num_actors or max(1, gpus or cpus // 2)
         threads = None if gpus else (det.cpu_threads or max(1, cpus // n_actors))
         summary.update(actors=n_actors, gpus_per_actor=1 if gpus else 0, cpu_threads_per_actor=threads or 0)
-        run_dir = f"run-{uuid.uuid4().hex[:12]}"
         weights = None if detector_weights is None else (cfg.storage.root, cfg.storage.options, detector_weights)
         bs = det.batch_size
         retries = {"max_restarts": det.max_restarts}
         if det.max_restarts != 0:
             retries["max_task_retries"] = det.max_restarts
-        # one block per batch, so decode and detection overlap and a retried block is one batch
-        ds = ray.data.from_arrow([todo.slice(i, bs) for i in range(0, todo.num_rows, bs)])
-        ds = ds.map_batches(decode_batch, fn_kwargs={"storage_options": cfg.storage.options,
-                                                     "det_cfg": det.model_dump()},
-                            batch_size=bs, num_cpus=0.5)
-        with warnings.catch_warnings():
-            # max_restarts / max_task_retries have no named map_batches parameter in Ray 2.60; the
-            # remote-args kwargs that carry them are deprecated (removal announced for Ray 2.64).
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-            ds = ds.map_batches(DetectStage,
-                                fn_constructor_args=(det.model_dump(), weights, threads, driver_spec()),
-                                batch_size=bs, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-                                compute=ray.data.ActorPoolStrategy(size=n_actors), **retries)
-        ds = ds.map_batches(write_batch, fn_kwargs={"root": cfg.storage.root, "options": cfg.storage.options,
-                                                    "rel": rel, "run_dir": run_dir},
-                            batch_size=bs, batch_format="pyarrow", num_cpus=0.25)
+        lease = Lease(store, f"{rel}/{RUNS_DIR}/{run_dir}", det.run_ttl_s).acquire()
+        finished = False
         try:
-            for row in ds.iter_rows():
-                metas.append(row)
-        except BaseException:
-            logger.error("features %s: the pipeline failed after %d finished batches; committing those so a "
-                         "rerun resumes from them", dataset, len(metas))
+            # one block per batch, so decode and detection overlap and a retried block is one batch
+            ds = ray.data.from_arrow([todo.slice(i, bs) for i in range(0, todo.num_rows, bs)])
+            ds = ds.map_batches(decode_batch, fn_kwargs={"storage_options": cfg.storage.options,
+                                                         "det_cfg": det.model_dump()},
+                                batch_size=bs, num_cpus=0.5)
+            with warnings.catch_warnings():
+                # max_restarts / max_task_retries have no named map_batches parameter in Ray 2.60; the
+                # remote-args kwargs that carry them are deprecated (removal announced for Ray 2.64).
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+                ds = ds.map_batches(DetectStage,
+                                    fn_constructor_args=(det.model_dump(), weights, threads, driver_spec()),
+                                    batch_size=bs, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+                                    compute=ray.data.ActorPoolStrategy(size=n_actors), **retries)
+            ds = ds.map_batches(write_batch, fn_kwargs={"root": cfg.storage.root, "options": cfg.storage.options,
+                                                        "rel": rel, "run_dir": run_dir},
+                                batch_size=bs, batch_format="pyarrow", num_cpus=0.25)
+            last = time.monotonic()
+            try:
+                for row in ds.iter_rows():
+                    metas.append(row)
+                    if (len(metas) - committed_upto >= det.commit_every_batches
+                            or time.monotonic() - last >= det.commit_every_s):
+                        commit()
+                        last = time.monotonic()
+            except BaseException:
+                logger.error("features %s: the pipeline failed after %d finished batches; committing those so a "
+                             "rerun resumes from them", dataset, len(metas))
+                commit()
+                raise
             commit()
-            raise
+            finished = True
+        finally:
+            lease.release()
+            if finished:  # every part of this run is committed: nothing for a sweep, the lease goes
+                store.delete(f"{rel}/{RUNS_DIR}/{run_dir}")
     secs = time.perf_counter() - t0
     n_ok = int(sum(m["rows"] for m in metas))
     n_err = int(sum(m["error_rows"] for m in metas))
@@ -394,7 +518,8 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
     for m in metas:
         for k, v in json.loads(m["error_kinds"]).items():
             kinds[k] = kinds.get(k, 0) + v
-    commit()
+    if not todo.num_rows:
+        commit()  # creates empty artifacts on a first run with nothing to do; drops settled stale rows
     summary.update(extracted=n_ok, errors=n_err, errors_by_kind=dict(sorted(kinds.items())),
                    seconds=round(secs, 3),
                    images_per_s=round((n_ok + n_err) / secs, 3) if secs > 0 and metas else 0.0)
@@ -410,13 +535,16 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
 
 
 def _commit(store: Store, rel: str, parts: list[str], *, kind: str, config_hash: str, schema: pa.Schema,
-            inputs: dict, tracker: Any) -> None:
-    """Append the parts written by this run to the artifact and commit its manifest (last)."""
-    if not parts and store.manifest(rel) is not None:
+            inputs: dict, tracker: Any, retire=None, into: str = "") -> None:
+    """Append the parts written by this run to the artifact and commit its manifest (last); ``retire``
+    drops superseded rows of committed parts in the same manifest write."""
+    if not parts and retire is None and store.manifest(rel) is not None:
         return
     with store.open_artifact(rel, kind=kind, config_hash=config_hash, inputs=inputs, append=True) as w:
         for p in parts:
             w.add_existing_part(p)
+        if retire is not None:
+            w.retire_rows(["image_id", "source_stamp"], retire, into=into)
         if not parts and store.manifest(rel) is None:
             w.write_part(schema.empty_table(), name="empty")
         w.commit(mlflow_run_id=getattr(tracker, "run_id", None))

@@ -9,6 +9,7 @@ from mask.config import MaskConfig
 from mask.pipeline.extract import run_extraction
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import ensure_dataset, ensure_detector, require_gallery
+from mask.preflight import PreflightError, check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -17,8 +18,9 @@ def extract_dataset(cfg: MaskConfig, target: str = "dataset") -> dict[str, Any]:
     """The extraction job: features for the training dataset (its ground-truth boxes when it has
     regions) or for the gallery (``detector.mode`` boxes), tracked in its own MLflow run."""
     if target not in ("dataset", "gallery"):
-        raise ValueError(f"--target must be 'dataset' or 'gallery', got {target!r}")
+        raise PreflightError(f"--target must be 'dataset' or 'gallery', got {target!r}")
     dcfg = cfg.dataset if target == "dataset" else require_gallery(cfg)
+    check_inputs(cfg, [target])  # before Ray and MLflow start
     ctx = JobContext.from_config(cfg)
     with job_run(ctx, "extract_regions", run_name=f"extract_regions:{dcfg.name}") as run:
         data = ensure_dataset(ctx, dcfg, run.run_id)

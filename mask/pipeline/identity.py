@@ -14,24 +14,30 @@ import os
 import re
 
 from mask.config import ClipConfig, DetectorConfig, MaskConfig
+from mask.sources import source_stamps
 from mask.storage import fingerprint
 
 #: Detector fields that change how extraction runs, never what it produces (images are batched by
 #: equal shape without padding, RoI chunks do not change results): left out of the artifact name.
-EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "cpu_threads", "max_restarts", "device", "roi_chunk"})
+EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "cpu_threads", "max_restarts", "device", "roi_chunk",
+                              "commit_every_batches", "commit_every_s", "run_ttl_s"})
+#: Layout of the features artifact, part of its name: 2 = rows carry ``source_stamp`` and ``content_sha256``
+#: (change detection); an artifact of another layout is never appended to.
+FEATURES_LAYOUT = 2
 #: ClipConfig fields that change how the base-scores job runs, never the scores: left out of its identity.
 CLIP_EXECUTION_FIELDS = frozenset({"batch_size", "num_actors", "max_pixels"})
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 #: 2: μ in the shared _mu/ artifact, words.parquet + word_scores.npy per version (1: μ parts in the
-#: version); part of the index version, so an index in an older layout is never reused as if current
-INDEX_LAYOUT = 2
+#: version); 3: μ rows and images.parquet carry the features' content_sha256 (changed images are rescored);
+#: part of the index version and of the μ artifact's name, so an older layout is never reused as if current
+INDEX_LAYOUT = 3
 MU_DIR = "_mu"
 
 
 def extractor_name(det: DetectorConfig) -> str:
     """Folder name of a detector configuration: readable prefix + hash of every field that shapes the
     features (not :data:`EXECUTION_FIELDS`, so a rerun with another batch size or actor count resumes)."""
-    h = fingerprint(det.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)))[:10]
+    h = fingerprint({**det.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)), "layout": FEATURES_LAYOUT})[:10]
     return f"{det.backend}-r{det.depth}-{det.mode}-{h}"
 
 
@@ -83,17 +89,25 @@ def score_hash(cfg: MaskConfig, knowledge) -> str:
 def mu_rel(cfg: MaskConfig, knowledge) -> str:
     """The μ artifact of this (knowledge, features) pair for the config's gallery."""
     h = fingerprint({"knowledge": [knowledge.uri, knowledge.config_hash],
-                     "features": extractor_name(cfg.detector)})[:16]
+                     "features": extractor_name(cfg.detector), "layout": INDEX_LAYOUT})[:16]
     return f"{index_root(cfg.gallery.name)}/{MU_DIR}/m-{h}"
 
 
-def index_version(cfg: MaskConfig, knowledge, dataset_hash: str) -> str:
+def gallery_content(cfg: MaskConfig, uris: list[str]) -> str:
+    """Fingerprint of the gallery images' change stamps (:mod:`mask.sources`: size + mtime / ETag, no image
+    read): a replaced image file changes it even when the dataset's own files (a captions JSON) did not."""
+    return fingerprint(source_stamps([str(u) for u in uris], cfg.storage.options))
+
+
+def index_version(cfg: MaskConfig, knowledge, dataset_hash: str, content: str | None = None) -> str:
     """``knowledge``: anything with ``uri`` and ``config_hash`` (:class:`mask.pipeline.steps.ResolvedKnowledge`).
 
-    ``i-<hash>`` of the index layout, the knowledge version, the gallery dataset, the features and the
-    scoring config (a layout change gives new versions: an older layout is never reused as if current)."""
+    ``i-<hash>`` of the index layout, the knowledge version, the gallery dataset (and its images' change
+    stamps, ``content``: :func:`gallery_content`), the features and the scoring config (a layout change
+    gives new versions: an older layout is never reused as if current)."""
     data = cfg.model_dump(mode="json")
     ident = {"layout": INDEX_LAYOUT, "knowledge": [knowledge.uri, knowledge.config_hash], "gallery": dataset_hash,
+             "content": content,
              "features": extractor_name(cfg.detector), "scoring": data["scoring"], "text": data["text"],
              "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m]}
     return f"i-{fingerprint(ident)[:16]}"

@@ -174,13 +174,37 @@ def has_file(store: Store, rel: str, name: str) -> bool:
 
 def mu_ids(store: Store, mrel: str) -> dict[str, int]:
     """Image id → number of regions, for the images whose μ is committed in ``mrel``."""
+    return {i: n for i, (n, _) in mu_state(store, mrel).items()}
+
+
+def mu_state(store: Store, mrel: str) -> dict[str, tuple[int, str | None]]:
+    """Image id → (number of regions, ``content_sha256`` of the features row its μ was computed from)."""
     if store.manifest(mrel) is None:
         return {}
-    t = store.read_table(mrel, columns=["image_id", "num_boxes"])
-    out: dict[str, int] = {}
-    for i, n in zip(t.column("image_id").to_pylist(), t.column("num_boxes").to_pylist(), strict=True):
-        out.setdefault(i, int(n))
+    t = store.read_table(mrel, columns=["image_id", "num_boxes", "content_sha256"])
+    out: dict[str, tuple[int, str | None]] = {}
+    for i, n, h in zip(t.column("image_id").to_pylist(), t.column("num_boxes").to_pylist(),
+                       t.column("content_sha256").to_pylist(), strict=True):
+        out.setdefault(i, (int(n), h))
     return out
+
+
+def features_content(store: Store, frel: str) -> dict[str, str | None]:
+    """Image id → ``content_sha256`` of its committed features row (None: not recorded, e.g. given features)."""
+    if store.manifest(frel) is None:
+        return {}
+    t = store.read_table(frel, columns=["image_id", "content_sha256"])
+    return dict(zip(t.column("image_id").to_pylist(), t.column("content_sha256").to_pylist(), strict=True))
+
+
+def _other_content(current: dict[str, str | None]):
+    """Predicate for :meth:`mask.storage.ArtifactWriter.retire_rows`: μ rows of the images of ``current``
+    computed from other features (the image changed and was extracted again)."""
+    def stale(t: pa.Table) -> np.ndarray:
+        ids = t.column("image_id").to_pylist()
+        hs = t.column("content_sha256").to_pylist()
+        return np.fromiter((i in current and h != current[i] for i, h in zip(ids, hs, strict=True)), bool, len(ids))
+    return stale
 
 
 def read_rows(store: Store, rel: str, image_ids: list[str], columns: list[str] | None = None) -> pa.Table | None:
@@ -203,8 +227,9 @@ def read_rows(store: Store, rel: str, image_ids: list[str], columns: list[str] |
     return pa.concat_tables(tables) if tables else None
 
 
-def read_mu(store: Store, mrel: str, image_ids: list[str]) -> pa.Table:
-    """μ rows of ``image_ids`` (in that order) from the μ artifact.
+def read_mu(store: Store, mrel: str, image_ids: list[str], ordered: bool = True) -> pa.Table:
+    """μ rows of ``image_ids`` (in that order; in storage order when not ``ordered``, which saves a copy
+    for :func:`mask.pipeline.represent.padded_mu`, which orders them itself) from the μ artifact.
 
     Raises:
         GalleryError: an image has no committed μ.
@@ -220,27 +245,52 @@ def read_mu(store: Store, mrel: str, image_ids: list[str]) -> pa.Table:
     missing = [x for x in image_ids if x not in pos]
     if missing:
         raise GalleryError(f"{store.uri(mrel)}: no region representations for {len(missing)} images, e.g. {missing[:3]}")
-    return t.take(pa.array([pos[x] for x in image_ids], pa.int64()))
+    return t.take(pa.array([pos[x] for x in image_ids], pa.int64())) if ordered else t
 
 
 def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: str, image_ids: list[str],
-              run_id: str | None) -> dict[str, Any]:
-    """Compute and append μ for the images of ``image_ids`` that have none yet (eq. 1/3, the PAE mean).
+              run_id: str | None, content: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """Compute and append μ for the images of ``image_ids`` that have none yet, or one computed from other
+    features (eq. 1/3, the PAE mean).
 
-    Few images run on the driver; more than ``index.local_max_images`` go through Ray Data actors.
+    Few images run on the driver; more than ``index.local_max_images`` go through Ray Data actors.  Each
+    μ row records the ``content_sha256`` of the features row it came from; an image whose features were
+    extracted again (its bytes changed) gets a new μ, and its old row is dropped in the same commit.
+
+    Args:
+        content: image id → ``content_sha256`` of its features (:func:`features_content`; read when None).
 
     Returns:
-        ``{"computed", "reused", "where", "seconds"}``.
+        ``{"computed", "changed", "reused", "where", "seconds"}``.
     """
 
     t0 = time.perf_counter()
     store = ctx.store
-    have = mu_ids(store, mrel)
-    need = [i for i in dict.fromkeys(image_ids) if i not in have]
-    out = {"computed": len(need), "reused": len(image_ids) - len(need), "where": "none", "seconds": 0.0}
+    have = mu_state(store, mrel)
+    content = features_content(store, frel) if content is None else content
+    need = [i for i in dict.fromkeys(image_ids) if i not in have or have[i][1] != content.get(i)]
+    changed = [i for i in need if i in have]
+    out = {"computed": len(need), "changed": len(changed), "reused": len(image_ids) - len(need), "where": "none",
+           "seconds": 0.0}
     if not need:
         return out
     cols = MU_COLUMNS
+
+    def commit(table: pa.Table, ids: list[str]) -> None:
+        got = set(table.column("image_id").to_pylist())
+        lost = [i for i in ids if i not in got]
+        if lost:
+            raise GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
+                               f"e.g. {lost[:3]}")
+        table = table.append_column("content_sha256", pa.array(
+            [content.get(i) for i in table.column("image_id").to_pylist()], pa.string()))
+        swap = [i for i in ids if i in have]
+        with store.open_artifact(mrel, kind="mu", config_hash=mhash, append=True) as w:
+            if swap:  # μ of changed images: the old rows leave in the same manifest write
+                w.retire_rows(["image_id", "content_sha256"], _other_content({i: content.get(i) for i in swap}))
+            w.write_part(table, name=f"mu-{fingerprint([sorted(ids), [content.get(i) for i in sorted(ids)]])[:20]}")
+            w.commit(mlflow_run_id=run_id)
+
     if len(need) <= ctx.cfg.index.local_max_images:
         feats = read_rows(store, frel, need, columns=cols)
         if feats is None:
@@ -249,20 +299,34 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
         batches = []
         for b in feats.to_batches(max_chunksize=64):
             batches.append(stage({c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}))
-        table = mu_table(batches)
+        commit(mu_table(batches), need)
         out["where"] = "driver"
     else:
-        ds = features_dataset(store, frel, cols)
-        table = image_representations(ds, pae_bytes, num_gpus=1 if cluster_gpus() else 0, keep_ids=need)
+        # parts grouped into commits of about index.mu_commit_images images: a long μ stage keeps its
+        # progress (a rerun computes only the images without μ)
+        fs = store.pyarrow_filesystem()
+        wanted = set(need)
+        groups: list[tuple[list[str], list[str]]] = []
+        for p in (store.manifest(frel) or {}).get("parts") or []:
+            path = store.path(frel, p["path"])
+            ids = [i for i in pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
+                   if i in wanted]
+            if not ids:
+                continue
+            if not groups or len(groups[-1][1]) >= ctx.cfg.index.mu_commit_images:
+                groups.append(([], []))
+            groups[-1][0].append(path)
+            groups[-1][1].extend(ids)
+        covered = {i for _, ids in groups for i in ids}
+        lost = [i for i in need if i not in covered]
+        if lost:
+            raise GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
+                               f"e.g. {lost[:3]}")
+        for paths, ids in groups:
+            ds = features_dataset(store, frel, cols, parts=paths)
+            commit(image_representations(ds, pae_bytes, num_gpus=1 if cluster_gpus() else 0, keep_ids=ids), ids)
         out["where"] = "ray-data"
-    got = set(table.column("image_id").to_pylist())
-    lost = [i for i in need if i not in got]
-    if lost:
-        raise GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
-                          f"e.g. {lost[:3]}")
-    with store.open_artifact(mrel, kind="mu", config_hash=mhash, append=True) as w:
-        w.write_part(table, name=f"mu-{fingerprint(sorted(need))[:20]}")
-        w.commit(mlflow_run_id=run_id)
+        out["commits"] = len(groups)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -421,8 +485,8 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
     t0 = time.perf_counter()
     fsum = run_extraction(cfg, store, name, gallery["images"], None, det_weights, tracker=run)
     frel = features_rel(name, cfg.detector)
-    feat_ids = set(store.read_table(frel, columns=["image_id"]).column("image_id").to_pylist()) \
-        if store.manifest(frel) is not None else set()
+    content = features_content(store, frel)
+    feat_ids = set(content)
     timings["features"] = time.perf_counter() - t0
     order = gallery_order(gallery["images"], gallery["captions"], feat_ids, name)
     if order.dropped_images:
@@ -432,7 +496,7 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
     t0 = time.perf_counter()
     mrel = mu_rel(cfg, knowledge)
     mhash = mrel.rsplit("/", 1)[-1]
-    mu_info = ensure_mu(ctx, knowledge.pae_bytes, frel, mrel, mhash, order.image_ids, run.run_id)
+    mu_info = ensure_mu(ctx, knowledge.pae_bytes, frel, mrel, mhash, order.image_ids, run.run_id, content)
     boxes = mu_ids(store, mrel)
     timings["mu"] = time.perf_counter() - t0
     kill_point("index.after_mu")
@@ -457,14 +521,19 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
     if not np.array_equal(scorer.used_words, np.arange(v)):
         raise GalleryError("internal: the caption vocabulary has unused words")  # by construction it cannot
     live_ws = live.word_scores if reusable and live.word_scores is not None and live.words is not None else None
-    live_rows = {x: i for i, x in enumerate(live.images.column("image_id").to_pylist())} if live_ws is not None else {}
+    live_rows: dict[str, int] = {}
+    if live_ws is not None:  # images whose features (content) are those the live version scored
+        live_content = live.images.column("content_sha256").to_pylist() if "content_sha256" in \
+            live.images.column_names else [False] * live.images.num_rows
+        live_rows = {x: i for i, (x, h) in enumerate(zip(live.images.column("image_id").to_pylist(), live_content,
+                                                          strict=True)) if h is not False and h == content.get(x)}
     reuse_cols = WordScoreReuse.between(voc.words, live.words.column("word").to_pylist() if live_ws is not None else [])
     new_cols = reuse_cols.new_cols
     computed_rows = computed_cells = 0
     chunk = max(1, cfg.scoring.image_chunk)
 
     def mu_of(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        m, mask = padded_mu(read_mu(store, mrel, ids), ids)
+        m, mask = padded_mu(read_mu(store, mrel, ids, ordered=False), ids)
         return (normalize_rows(m) if cfg.scoring.normalize else m), mask
 
     for i0 in range(0, n, chunk):
@@ -501,7 +570,8 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
              "images_removed": len(live_rows) - sum(1 for x in order.image_ids if x in live_rows),
              "captions_parsed": voc.parsed, "words_new": int(new_cols.size) if live_ws is not None else v,
              "word_score_rows_computed": computed_rows, "word_score_cells_computed": computed_cells,
-             "word_score_cells_reused": n * v - computed_cells, "mu_computed": mu_info["computed"],
+             "word_score_cells_reused": n * v - computed_cells, "mu_computed": mu_info["computed"], "mu_changed": mu_info["changed"],
+             "mu_commits": mu_info.get("commits", int(mu_info["computed"] > 0)),
              "mu_where": mu_info["where"], "features_extracted": int(fsum.get("extracted", 0) or 0)}
     metrics = {"index_version": version, "mask": mask_metrics, "metrics_source": source, "coverage": cov,
                "images": n, "captions": t, "dropped_images": order.dropped_images, "dense": write_dense,
@@ -515,32 +585,36 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
             "inputs": {"knowledge": knowledge.uri, "gallery_dataset": gallery["summary"]["config_hash"]}}
     t0 = time.perf_counter()
     rel = f"{index_root(name)}/{version}"
-    _write_version(store, rel, version, order, boxes, voc, res, info, metrics, write_dense, run.run_id)
+    _write_version(store, rel, version, order, boxes, voc, res, info, metrics, write_dense, run.run_id, content)
     timings["write"] = time.perf_counter() - t0
     return IndexBuild(rel=rel, version=version, metrics=metrics, info=info, dense=res.dense, reuse=reuse,
                       features=fsum)
 
 
 def _topk_tables(order, res) -> tuple[pa.Table, pa.Table]:
-    img = np.asarray(order.image_ids, object)
-    cap = np.asarray(order.caption_ids, object)
-    t2i = pa.table({"query_id": pa.array(order.caption_ids, pa.string()),
-                    "ids": pa.array([list(img[r]) for r in res.caption_top_images], pa.list_(pa.string())),
-                    "scores": pa.array(list(res.caption_top_scores.astype(np.float32)), pa.list_(pa.float32()))})
-    i2t = pa.table({"query_id": pa.array(order.image_ids, pa.string()),
-                    "ids": pa.array([list(cap[r]) for r in res.image_top_captions], pa.list_(pa.string())),
-                    "scores": pa.array(list(res.image_top_scores.astype(np.float32)), pa.list_(pa.float32()))})
+    """``query_id, ids, scores`` tables of the top-K lists, built in Arrow (no per-row Python lists)."""
+    def lists(names: list[str], pos: np.ndarray, val: np.ndarray, queries: list[str]) -> pa.Table:
+        n, k = pos.shape
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * np.int32(k))
+        ids = pa.array(names, pa.string()).take(pa.array(pos.reshape(-1).astype(np.int64)))
+        return pa.table({"query_id": pa.array(queries, pa.string()),
+                         "ids": pa.ListArray.from_arrays(offsets, ids),
+                         "scores": pa.ListArray.from_arrays(offsets, pa.array(val.reshape(-1).astype(np.float32)))})
+
+    t2i = lists(order.image_ids, res.caption_top_images, res.caption_top_scores, order.caption_ids)
+    i2t = lists(order.caption_ids, res.image_top_captions, res.image_top_scores, order.image_ids)
     return t2i, i2t
 
 
 def _write_version(store: Store, rel: str, version: str, order, boxes: dict[str, int], voc: CaptionVocabulary,
                    res, info: dict[str, Any], metrics: dict[str, Any], write_dense: bool,
-                   run_id: str | None) -> dict[str, Any]:
+                   run_id: str | None, content: dict[str, str | None] | None = None) -> dict[str, Any]:
     """Commit one index version (files, then the manifest)."""
     t2i, i2t = _topk_tables(order, res)
     images = pa.table({"position": pa.array(np.arange(len(order.image_ids)), pa.int64()),
                        "image_id": pa.array(order.image_ids, pa.string()),
-                       "num_boxes": pa.array([boxes.get(x, 0) for x in order.image_ids], pa.int32())})
+                       "num_boxes": pa.array([boxes.get(x, 0) for x in order.image_ids], pa.int32()),
+                       "content_sha256": pa.array([(content or {}).get(x) for x in order.image_ids], pa.string())})
     captions = pa.table({"position": pa.array(np.arange(len(order.caption_ids)), pa.int64()),
                          "caption_id": pa.array(order.caption_ids, pa.string()),
                          "image_id": pa.array(order.caption_image, pa.string()),

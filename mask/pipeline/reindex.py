@@ -7,12 +7,14 @@ One run:
 2. re-reads the gallery source (new or removed images and captions change the dataset's hash) and
    resolves the knowledge reference (``--knowledge`` / ``index.knowledge``: an alias follows the
    registry, so promoting a new knowledge version triggers rescoring);
-3. compares the target version ``i-<hash>`` (knowledge, gallery contents, features, scoring config)
-   with ``CURRENT``: equal → nothing to do; committed already (an earlier run died after its commit)
-   → only the switch; else builds it with :func:`mask.pipeline.index.build_index` from the live
-   version — features only for new images (the extraction skips committed ones), μ only for images
-   without one for this knowledge, per-word terms only for new images and new words, captions parsed
-   only when new or changed; a new knowledge rescores every pair but reuses every feature;
+3. compares the target version ``i-<hash>`` (knowledge, gallery contents and its images' change
+   stamps, features, scoring config) with ``CURRENT``: equal → nothing to do; committed already (an
+   earlier run died after its commit) → only the switch; else builds it with
+   :func:`mask.pipeline.index.build_index` from the live version — features only for new or changed
+   images (the extraction skips committed ones whose source stamp is unchanged), μ only for images
+   without one for this knowledge or whose features changed, per-word terms only for new or changed
+   images and new words, captions parsed only when new or changed; a new knowledge rescores every pair
+   but reuses every feature;
 4. checks it still holds the lease, then switches ``CURRENT`` atomically (one write).
 
 A crash anywhere before the switch leaves ``CURRENT`` and the live version untouched (the new
@@ -26,10 +28,11 @@ import logging
 import time
 from typing import Any
 
+from mask import tracking
 from mask.config import MaskConfig
 from mask.faults import kill_point
 from mask.lease import Lease, LeaseBusy
-from mask.pipeline.identity import index_root, index_version
+from mask.pipeline.identity import gallery_content, index_root, index_version
 from mask.pipeline.index import (
     LEASE_DIR,
     LiveIndex,
@@ -40,6 +43,7 @@ from mask.pipeline.index import (
 )
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import ensure_dataset, gallery_detector, require_gallery, resolve_and_load_knowledge
+from mask.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
         KnowledgeError / KnowledgeNotFound: the knowledge reference names nothing committed.
     """
     require_gallery(cfg)
+    check_inputs(cfg, ["gallery"], gallery_captions=True)  # before the lease, Ray and MLflow
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     name = cfg.gallery.name
@@ -71,12 +76,14 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
     try:
         kill_point("reindex.after_lease")
         uri = ctx.tracking_uri
-        with job_run(ctx, "reindex", tags={"gallery": name, "knowledge_uri": knowledge.uri}) as run:
+        with job_run(ctx, "reindex", tags={"gallery": name, "knowledge_uri": knowledge.uri}) as raw, \
+                tracking.BufferedRun(raw) as run:  # one MLflow write for the many small groups below
             t_all = time.perf_counter()
             t0 = time.perf_counter()
             gal = ensure_dataset(ctx, cfg.gallery, run.run_id)
             t_dataset = time.perf_counter() - t0
-            version = index_version(cfg, knowledge, gal["summary"]["config_hash"])
+            version = index_version(cfg, knowledge, gal["summary"]["config_hash"],
+                                    gallery_content(cfg, gal["images"].column("uri").to_pylist()))
             cur = read_current(store, name)
             previous = cur["version"] if cur else None
             run.log_params({"knowledge.ref": ref or "", "knowledge.uri": knowledge.uri, "index.version": version,

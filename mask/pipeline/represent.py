@@ -120,13 +120,14 @@ def knowledge_pass(features_ds, pae_bytes: bytes, word_index: dict[str, int],
     """Eq. 2 over every VG region in one streaming pass; returns a merged PrototypeAccumulator.
 
     ``threads``: torch threads per CPU actor (None: the cluster's CPUs / ``concurrency``)."""
+    import ray.data
 
     acc = PrototypeAccumulator(len(word_index), latent_dim, seed=seed)
     threads = _cpu_threads(threads, concurrency, num_gpus)
     ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, word_index, region_words, "partials", seed,
                                                                None, threads),
-                                 batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
-                                 batch_format="numpy")
+                                 batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
+                                 num_gpus=num_gpus, batch_format="numpy")
     for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if len(part["word_id"]):
             acc.merge_partial(part["word_id"], np.stack(part["sum"]), part["count"], part["key"],
@@ -150,10 +151,12 @@ def image_representations(features_ds, pae_bytes: bytes, concurrency: int = 1, n
     ``threads``: torch threads per CPU actor (None: the cluster's CPUs / ``concurrency``, at most the
     actor's machine's cores). Actors reserve 1 CPU each so Ray Data's read tasks keep a CPU.
     """
+    import ray.data
+
     threads = _cpu_threads(threads, concurrency, num_gpus)
     ds = features_ds.map_batches(MuStage, fn_constructor_args=(pae_bytes, None, None, "images", 0, keep_ids, threads),
-                                 batch_size=batch_size,
-                                 concurrency=concurrency, num_gpus=num_gpus, batch_format="numpy")
+                                 batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
+                                 num_gpus=num_gpus, batch_format="numpy")
     return mu_table(ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 

@@ -132,10 +132,16 @@ def load_base_scores(path: str, image_ids: list[str], caption_ids: list[str],
         return BaseScores(matrix=mat, directions=("t2i", "i2t"), missing=missing)
     raw = _read_bytes(path, storage_options or {}) if raw is None else raw
     if path.endswith(".npy"):
+        if not raw.startswith(b"\x93NUMPY"):
+            # np.load takes anything without the NumPy magic for a pickle, and would say "pickled data"
+            raise BaseScoresError(f"{name}: not a .npy file (no NumPy header; it starts with {raw[:8]!r}); "
+                                  "save the (images × captions) matrix with numpy.save")
         try:
             arr = np.load(io.BytesIO(raw), allow_pickle=False)
         except ValueError as e:
-            raise BaseScoresError(f"{name}: not a readable .npy matrix ({e})") from None
+            why = "it holds Python objects (dtype object), not numbers" if "pickle" in str(e) else str(e)
+            raise BaseScoresError(f"{name}: not a readable .npy matrix: {why}; save a float matrix with "
+                                  "numpy.save") from None
         if arr.ndim != 2 or arr.shape != (n, t):
             raise BaseScoresError(f"{name}: has shape {arr.shape}, the gallery has {n} images × {t} captions "
                                   "(rows/columns in the order of the index's images.parquet / captions.parquet)")

@@ -22,6 +22,10 @@ from mask.storage import Store
 logger = logging.getLogger(__name__)
 
 
+#: A deprecation warning that Ray Train raises in its own workers (not from any argument of ours).
+RAY_INTERNAL_DEPRECATION = "`ExecutionOptions.exclude_resources` is deprecated"
+
+
 def init_ray(cfg: MaskConfig) -> None:
     """Start or join Ray as the config says (an already initialised Ray is kept as it is).
 
@@ -42,6 +46,13 @@ def init_ray(cfg: MaskConfig) -> None:
             # address="local": a new instance, never a cluster that `ray start` left running on this machine
             # (a bare ray.init() would join the one recorded in /tmp/ray/ray_current_cluster).
             logger.info("starting a local Ray (num_cpus=%s)", cfg.ray.num_cpus)
+            # Python's documented warning filter, inherited by the local Ray's workers: Ray Train's own
+            # DatasetManager passes the deprecated ExecutionOptions.exclude_resources (Ray 2.60), which no
+            # argument of ours can avoid
+            quiet = f"ignore:{RAY_INTERNAL_DEPRECATION}:DeprecationWarning"
+            prior = os.environ.get("PYTHONWARNINGS")
+            if not prior or quiet not in prior:
+                os.environ["PYTHONWARNINGS"] = f"{prior},{quiet}" if prior else quiet
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
     # Ray Data's own progress bars, quiet per-operator logs (also when Ray was started by the caller).
     ctx = ray.data.DataContext.get_current()

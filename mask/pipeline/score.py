@@ -30,11 +30,12 @@ from typing import Any
 
 from mask.config import MaskConfig
 from mask.evaluation import markdown_table
-from mask.pipeline.identity import index_root, index_version
+from mask.pipeline.identity import gallery_content, index_root, index_version
 from mask.pipeline.index import build_index, read_index_file
 from mask.pipeline.rerank import rerank_index
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import ensure_dataset, gallery_detector, require_gallery, resolve_and_load_knowledge
+from mask.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def score_gallery(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str
         BaseScoresError: unusable base scores (file and problem named).
     """
     require_gallery(cfg)
+    check_inputs(cfg, ["gallery"], gallery_captions=True)  # before Ray / MLflow start, as the knowledge
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     knowledge = resolve_and_load_knowledge(cfg, store, knowledge_ref)  # fails before Ray / MLflow start
@@ -66,7 +68,7 @@ def score_gallery(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str
         t0 = time.perf_counter()
         gal = ensure_dataset(ctx, cfg.gallery, run.run_id)
         dataset_hash = gal["summary"]["config_hash"]
-        version = index_version(cfg, knowledge, dataset_hash)
+        version = index_version(cfg, knowledge, dataset_hash, gallery_content(cfg, gal["images"].column("uri").to_pylist()))
         rel = f"{index_root(cfg.gallery.name)}/{version}"
         run.log_params({"knowledge.uri": knowledge.uri, "knowledge.resolved_version": knowledge.version,
                         "index.version": version, "gallery.dataset_hash": dataset_hash})

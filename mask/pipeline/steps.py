@@ -145,11 +145,13 @@ KNOWLEDGE_COLUMNS = ["image_id", "features", "num_boxes", "feature_dim", "region
 MU_COLUMNS = ["image_id", "features", "num_boxes", "feature_dim"]
 
 
-def features_dataset(store: Store, rel: str, columns: list[str] | None = None):
-    """The committed parts of a features artifact as a Ray Dataset (read by Ray Data, not the driver)."""
+def features_dataset(store: Store, rel: str, columns: list[str] | None = None, parts: list[str] | None = None):
+    """The committed parts of a features artifact as a Ray Dataset (read by Ray Data, not the driver);
+    ``parts``: only these (native paths of committed parts, :meth:`Store.path`)."""
     import ray.data
 
-    paths = [u[len("s3://"):] if u.startswith("s3://") else u for u in store.part_uris(rel)]
+    paths = parts if parts is not None else \
+        [u[len("s3://"):] if u.startswith("s3://") else u for u in store.part_uris(rel)]
     if not paths:
         raise ValueError(f"features artifact {store.uri(rel)} has no rows")
     ds = ray.data.read_parquet(paths, filesystem=store.pyarrow_filesystem(), partitioning=None)

@@ -42,6 +42,7 @@ from mask.models import PrototypeTable, build_model, save_pae
 from mask.pipeline.identity import train_run_name
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import KNOWLEDGE_COLUMNS, TrainingInputs, features_dataset, prepare_training_inputs
+from mask.preflight import check_inputs
 from mask.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -411,7 +412,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if meta is not None:
         start_epoch, step, resumes = meta["epoch"] + 1, meta["step"], int(meta.get("resumes", 0)) + 1
     dist = world > 1 and torch.distributed.is_initialized()
-    word_vectors = torch.from_numpy(wv_np).to(device)
+    word_vectors = torch.tensor(wv_np, device=device)  # a copy: wv_np is a read-only view of Ray's object store
     shard = ray.train.get_dataset_shard("train")
     client = None
     run_id = config.get("mlflow_run_id")
@@ -548,6 +549,9 @@ def training_dataset(store: Store, features_rel_: str, region_words: dict[str, l
     ds = features_dataset(store, features_rel_, KNOWLEDGE_COLUMNS)
     ds = ds.map_batches(PairJoin, fn_constructor_args=(ids,), batch_size=256,
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").materialize()
+    # Ray Train splits this dataset again every epoch; a progress bar per epoch split is noise (the
+    # materialisation above had its bar, training reports its epochs)
+    ds.context.enable_progress_bars = False
     images = ds.count()
     # a projection per block (no aggregation shuffle): only the small column reaches the driver
     pairs = sum(int(np.sum(b["num_pairs"])) for b in
@@ -746,6 +750,7 @@ def train_job(cfg: MaskConfig) -> dict[str, Any]:
         ``training`` (run name, checkpoint URI, epochs, steps, resumes, final losses, pairs/s) and
         ``mlflow`` (tracking URI, run id).
     """
+    check_inputs(cfg, ["dataset"])  # before Ray and MLflow start
     ctx = JobContext.from_config(cfg)
     uri = ctx.tracking_uri
     with job_run(ctx, "train") as run:

@@ -416,7 +416,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             meta = load_checkpoint_dir(d, module, opt)
         start, step = int(meta["epoch"]) + 1, int(meta["step"])
         logger.info("trial resumes after epoch %d (step %d)", start, step)
-    wv = torch.from_numpy(data.word_vectors).to(device)
+    wv = torch.tensor(data.word_vectors, device=device)  # a copy: it may be a read-only view of Ray's object store
     load_s = time.perf_counter() - t0
     history: list[dict[str, float]] = []
     reports = 0
