@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                 hits += int((box_iou(torch.from_numpy(gt), boxes).max(1).values >= 0.5).sum())
         t_box = time.perf_counter() - t0
         rows[name] = (acc_c, acc_k, hits / max(total, 1), t_feat, t_box)
+        print(f"{name}: class {acc_c:.3f} colour {acc_k:.3f} box recall {hits / max(total, 1):.3f} "
+              f"({t_feat:.0f} s features, {t_box:.0f} s boxes)", flush=True)
     print(f"demo world seed 0: {len(train_imgs)} VG-part images, {len(cls)} ground-truth object regions "
           f"({len(set(cls))} classes, chance {1 / len(set(cls)):.3f}; {len(set(col))} colours, chance "
           f"{1 / len(set(col)):.3f}); {len(gal_imgs)} gallery images, {sum(map(len, gal_gt))} gallery objects")
