@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from mask.config import MaskConfig
+from mask.finetune import finetune_prototypes
 from mask.knowledge import build_prototypes_for
 from mask.metrics import METRIC_NAMES, recall_at_k
 from mask.scoring import score_matrix
@@ -56,7 +57,8 @@ def map_captions(cfg: MaskConfig, table, texts: list[str], parser=None, kv=None,
         return vectors_for(kv, ws)
 
     method = ood_method or cfg.knowledge.ood_method
-    protos, source, counts = build_prototypes_for(vocab, table, lookup, method, m or cfg.knowledge.m)
+    protos, source, counts = build_prototypes_for(vocab, table, lookup, method, m or cfg.knowledge.m,
+                                                  **cfg.knowledge.ood_options())
     keep = [i for i, s in enumerate(source) if s != "missing"]
     remap = {vocab[i]: j for j, i in enumerate(keep)}
     caption_words = [[remap[w] for w in ws if w in remap] for ws in words_per_caption]
@@ -99,6 +101,36 @@ def gallery_scores(image_mu: np.ndarray, image_mask: np.ndarray, cw: CaptionWord
     return score_matrix(mu, image_mask, cw.caption_words, protos, pooling=pooling)
 
 
+def finetune_knowledge(fcfg, image_mu: np.ndarray, image_mask: np.ndarray, cw: CaptionWords
+                       ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Appendix H on a gallery: learn W (eq. 88–93) from its images and captions drawn **independently**
+    (unpaired batches: ``finetune.images_per_batch`` images' regions, ``finetune.captions_per_batch``
+    captions' words, seeded), and return the fine-tuned prototypes ``v̂ = v W`` of the caption words.
+
+    Returns:
+        ``(prototypes (W, Z) float32, {"steps", "loss_ss_first", "loss_ss_last", "loss_r2w_last",
+        "loss_w2r_last", "history": [per-step terms]})``.
+    """
+    rng = np.random.default_rng(fcfg.seed)
+    n_img, n_cap = image_mu.shape[0], len(cw.caption_words)
+    with_words = [t for t in range(n_cap) if cw.caption_words[t]]
+    mu_batches, word_batches = [], []
+    for _ in range(fcfg.steps):
+        imgs = rng.choice(n_img, size=min(fcfg.images_per_batch, n_img), replace=False)
+        caps = rng.choice(with_words, size=min(fcfg.captions_per_batch, len(with_words)), replace=False) \
+            if with_words else []
+        mu_batches.append(image_mu[imgs][image_mask[imgs]])  # (I, Z) real regions of those images
+        word_batches.append(np.unique(np.asarray([w for t in caps for w in cw.caption_words[t]], np.int64)))
+    hist: list[dict[str, float]] = []
+    w = finetune_prototypes(cw.prototypes, mu_batches, word_batches, fcfg.steps, lr=fcfg.lr, seed=fcfg.seed,
+                            normalize=fcfg.normalize, reduction=fcfg.reduction, history=hist)
+    info: dict[str, Any] = {"steps": len(hist), "history": hist}
+    if hist:
+        info.update({"loss_ss_first": hist[0]["loss_ss"], "loss_ss_last": hist[-1]["loss_ss"],
+                     "loss_r2w_last": hist[-1]["loss_r2w"], "loss_w2r_last": hist[-1]["loss_w2r"]})
+    return (np.asarray(cw.prototypes, np.float32) @ w).astype(np.float32), info
+
+
 def chance_recall(n_images: int, captions_per_image: int = 5) -> dict[str, float]:
     """Expected R@K of a random ranking (percent)."""
     out = {}
@@ -135,6 +167,10 @@ def evaluate(cfg: MaskConfig, table, image_ids: list[str], mu_table: pa.Table, c
         return recall_at_k(sim, caption_to_image=caption_to_image)
 
     results["mask"] = metrics(gallery_scores(mu, mask, cw, sc.normalize, sc.pooling))
+    if cfg.finetune.enabled:  # Appendix H: the same gallery with the fine-tuned knowledge v̂ = v W
+        tuned, info = finetune_knowledge(cfg.finetune, mu, mask, cw)
+        results["mask_finetuned"] = metrics(gallery_scores(mu, mask, cw, sc.normalize, sc.pooling, prototypes=tuned))
+        results["finetune"] = info
     if cfg.knowledge.ood_method != "none":
         cw_no = map_captions(cfg, table, texts, ood_method="none")
         results["mask_without_ood"] = metrics(gallery_scores(mu, mask, cw_no, sc.normalize, sc.pooling))

@@ -70,7 +70,8 @@ def cycle_consistency_loss(u: Tensor, mu: Tensor, W: Tensor,
 
 def finetune_prototypes(prototypes: np.ndarray, image_mu_batches: Iterable[np.ndarray],
                         word_batches: Iterable[np.ndarray], steps: int, lr: float = 1e-3, seed: int = 0,
-                        *, normalize: bool = True, reduction: Literal["sum", "mean"] = "sum") -> np.ndarray:
+                        *, normalize: bool = True, reduction: Literal["sum", "mean"] = "sum",
+                        history: list[dict[str, float]] | None = None) -> np.ndarray:
     """Learn the domain transformation W of Appendix H with Adam.
 
     Batches are taken in turn from ``zip(image_mu_batches, word_batches)`` (images and words are
@@ -88,6 +89,8 @@ def finetune_prototypes(prototypes: np.ndarray, image_mu_batches: Iterable[np.nd
         normalize: L2-normalise u and μ rows first (as scoring does); the direction of ``v W`` does
             not depend on the norm of v, so W applies to unnormalised prototypes too.
         reduction: see :func:`cycle_consistency_loss`.
+        history: when given, one ``{"loss_ss", "loss_r2w", "loss_w2r"}`` dict per step is appended
+            (the terms of eq. 91–93 before that step's update).
 
     Returns:
         W (Z, Z) float32; apply as ``v_hat = v @ W``.
@@ -147,6 +150,8 @@ def finetune_prototypes(prototypes: np.ndarray, image_mu_batches: Iterable[np.nd
             terms["loss_ss"].backward()
             opt.step()
             last = float(terms["loss_ss"].detach())
+            if history is not None:
+                history.append({k: float(v.detach()) for k, v in terms.items()})
             if not np.isfinite(last):
                 raise FloatingPointError(f"finetune step {done}: loss_ss is {last}")
             done += 1

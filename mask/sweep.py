@@ -35,7 +35,10 @@ from mask.errors import MaskError
 from mask.metrics import METRIC_NAMES
 
 #: Training-level parameters a space may sample (each sample retrains).
-TUNABLE = ("loss.lambda_cm", "loss.lambda_cl", "loss.tau", "loss.kl_weight", "loss.dias_weight", "train.lr")
+TUNABLE = ("loss.lambda_cm", "loss.lambda_cl", "loss.tau", "loss.kl_weight", "loss.dias_weight", "train.lr",
+           # the paper-literal switches (README "Paper fidelity"); categorical ones take choice/grid
+           "loss.ir_reduction", "loss.cl_normalize", "loss.cl_exclude_same_word", "scoring.normalize",
+           "knowledge.ood_weighting", "knowledge.ood_temperature")
 #: Scoring-level parameters of the grid (no retraining), in the order of the metric names.
 GRID_KEYS = ("knowledge.m", "rerank.alpha", "rerank.k")
 #: Metrics of every grid entry (R@K in percent, both directions, and their sum Rs).
@@ -65,10 +68,10 @@ class Distribution(_Strict):
     loguniform: tuple[float, float] | None = None
     # Uniform between two bounds, lower < upper.
     uniform: tuple[float, float] | None = None
-    # Random choice among the values.
-    choice: list[float] | None = None
+    # Random choice among the values (numbers, booleans or names: {choice: [sum, mean]}).
+    choice: list[bool | float | str] | None = None
     # Every value in turn (tune.grid_search; multiplies num_samples).
-    grid: list[float] | None = None
+    grid: list[bool | float | str] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Distribution:
@@ -193,7 +196,8 @@ class SweepSpec(_Strict):
                     model.model_validate({field: value})
                 except ValidationError as e:
                     msg = e.errors()[0]["msg"]
-                    raise ValueError(f"search.{key}: {dist.kind} value {value:g} is refused by the config "
+                    shown = f"{value:g}" if isinstance(value, float) else repr(value)
+                    raise ValueError(f"search.{key}: {dist.kind} value {shown} is refused by the config "
                                      f"({msg})") from None
         if self.scheduler.type == "asha" and self.trials.epochs is not None \
                 and self.scheduler.grace_period > self.trials.epochs:

@@ -143,7 +143,14 @@ class ContentWordParser:
 
     @classmethod
     def from_config(cls, cfg: TextConfig) -> ContentWordParser:
-        """Build a parser from :class:`mask.config.TextConfig`."""
+        """Build a parser from :class:`mask.config.TextConfig`.
+
+        ``mode="content"``: ``keep_pos``, ``lemma``, the default stopword list.  ``mode="tokens"`` (close
+        to the paper's parse, Sec. 3.4 / Table 10): ``tokens_pos``, surface forms, no stopword list.
+        """
+        if getattr(cfg, "mode", "content") == "tokens":
+            return cls(backend=cfg.backend, keep_pos=tuple(cfg.tokens_pos), lemma=False, amod_pairs=cfg.amod_pairs,
+                       stopwords=[])
         return cls(backend=cfg.backend, keep_pos=tuple(cfg.keep_pos), lemma=cfg.lemma, amod_pairs=cfg.amod_pairs)
 
     def __repr__(self) -> str:

@@ -376,3 +376,59 @@ def test_extend_with_ood(rng):
     with pytest.raises(KnowledgeError, match="expected 3 columns"):
         extend_with_ood(t, ["a"], vecs[:1, :2], "topm", 3)
     KnowledgeTable.from_arrow(ext.to_arrow())
+
+
+def test_without_ood_ablation_drops_precomputed_ood_rows(rng):
+    """Regression (issue 13): method "none" returned the precomputed OOD rows of a knowledge built with
+    ``knowledge.ood_vocab_size > 0``, so the "without OOD words" ablation silently used OOD words."""
+    t = extend_with_ood(table(rng), ["pre"], rng.normal(size=(1, 3)), "topm", 2)
+    vectors, calls = vectors_from({})
+    protos, source, counts = build_prototypes_for(["w1", "pre"], t, vectors, "none", 2)
+    assert source == ["knowledge", "missing"] and counts == {"knowledge": 1, "ood": 0, "missing": 1}
+    np.testing.assert_array_equal(protos[1], 0.0)
+    assert calls == []  # nothing is looked up for the ablation
+
+
+def test_precomputed_ood_rows_follow_the_requested_m_and_method(rng):
+    t = extend_with_ood(table(rng), ["pre"], rng.normal(size=(1, 3)), "topm", 2)
+    vectors, _ = vectors_from({})
+    known = t.known()
+    w = t.word_vectors[t.index()["pre"]][None]
+    for m in (1, 3):
+        protos, source, _ = build_prototypes_for(["pre"], t, vectors, "topm", m)
+        assert source == ["ood"]
+        np.testing.assert_allclose(protos[0], ood_prototypes(w, t.word_vectors[known], t.prototypes[known], m)[0],
+                                   rtol=1e-6)
+    protos, _, _ = build_prototypes_for(["pre"], t, vectors, "procrustes", 2)
+    np.testing.assert_allclose(protos[0], procrustes_prototypes(w, t.word_vectors[known], t.prototypes[known])[0],
+                               rtol=1e-5)
+
+
+def ood_naive_cosine(q, kv, kp, m, tau):
+    out = []
+    for w in q.astype(np.float64):
+        cos = np.array([w @ k / (np.linalg.norm(w) * np.linalg.norm(k)) for k in kv.astype(np.float64)])
+        top = np.argsort(-cos, kind="stable")[:m]
+        s = np.exp(cos[top] / tau - (cos[top] / tau).max())
+        s /= s.sum()
+        out.append(sum(si * kp[j] for si, j in zip(s, top, strict=True)))
+    return np.array(out)
+
+
+def test_ood_cosine_weighting_variant_matches_naive(rng):
+    q = rng.normal(size=(6, 5)).astype(np.float32)
+    kv = (rng.normal(size=(8, 5)) * rng.uniform(0.2, 5.0, size=(8, 1))).astype(np.float32)  # varied lengths
+    kp = rng.normal(size=(8, 4)).astype(np.float32)
+    got = ood_prototypes(q, kv, kp, 3, weighting="cosine", temperature=0.2)
+    np.testing.assert_allclose(got, ood_naive_cosine(q, kv, kp, 3, 0.2), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, ood_prototypes(q, kv, kp, 3))  # differs from eq. 11's raw dot products
+    np.testing.assert_allclose(ood_prototypes(q, kv, kp, 3, weighting="dot"), ood_naive(q, kv, kp, 3), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(KnowledgeError, match="weighting"):
+        ood_prototypes(q, kv, kp, 3, weighting="l1")
+    t = table(rng)
+    vectors, _ = vectors_from({"cat": q[0, :3]})
+    protos, _, _ = build_prototypes_for(["cat"], t, vectors, "topm", 2, weighting="cosine", temperature=0.5)
+    known = t.known()
+    np.testing.assert_allclose(protos[0], ood_naive_cosine(q[:1, :3], t.word_vectors[known], t.prototypes[known],
+                                                           2, 0.5)[0], rtol=1e-5, atol=1e-6)

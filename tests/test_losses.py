@@ -382,3 +382,69 @@ def test_training_steps_reduce_total_loss():
         opt.step()
         losses.append(terms["loss"].item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+
+
+# ---------------------------------------------------------------------------------------------- literal-form switches
+
+
+def naive_cl_literal(mu, words, protos, tau, regions, normalize):
+    """Eq. 6 literally: every other distinct region of the batch is a negative, same word or not."""
+    p = mu.shape[0]
+    regions = [int(x) for x in regions]
+    first = {}
+    for k, g in enumerate(regions):
+        first.setdefault(g, k)
+
+    def s(a, b):
+        return _cos(a, b) if normalize else float(a @ b)
+
+    total = 0.0
+    for k in range(p):
+        v = protos[int(words[k])]
+        den = sum(math.exp(s(v, mu[kk]) / tau) for kk in first.values())
+        total += -(s(v, mu[first[regions[k]]]) / tau - math.log(den))
+    return total / p
+
+
+def test_loss_ir_mean_reduction_is_per_dimension():
+    g = _g(21)
+    r, r_rec = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    mu, lv = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    out = loss_ir(r, r_rec, mu, lv, kl_weight=0.5, reduction="mean")
+    _, rec, kl = naive_ir(r, r_rec, mu, lv, 0.5)
+    assert out["loss_rec"].item() == pytest.approx(rec / 7, rel=1e-5)  # per feature dimension M
+    assert out["loss_kl"].item() == pytest.approx(kl / 3, rel=1e-5)  # per latent dimension Z
+    assert out["loss_ir"].item() == pytest.approx(rec / 7 + 0.5 * kl / 3, rel=1e-5)
+    with pytest.raises(L.LossInputError, match="reduction"):
+        loss_ir(r, r_rec, mu, lv, reduction="max")
+
+
+def test_loss_cl_literal_negatives_match_naive():
+    g = _g(22)
+    mu, protos = torch.randn(7, 4, generator=g), torch.randn(5, 4, generator=g)
+    words = torch.tensor([0, 1, 0, 2, 3, 1, 0])
+    regions = torch.tensor([0, 1, 2, 3, 3, 4, 5])
+    for normalize, tau in ((True, 0.1), (False, 0.7)):
+        got = loss_cl(mu, words, protos, tau, region_ids=regions, normalize=normalize, exclude_same_word=False)
+        assert got.item() == pytest.approx(naive_cl_literal(mu, words, protos, tau, regions, normalize), rel=1e-5)
+        ours = loss_cl(mu, words, protos, tau, region_ids=regions, normalize=normalize)
+        assert ours.item() == pytest.approx(naive_cl(mu, words, protos, tau, regions, normalize), rel=1e-5)
+        assert got.item() > ours.item()  # more negatives in the denominator
+
+
+def test_mask_loss_passes_the_switches_and_shares_sum_to_one():
+    out, batch, protos = _batch()
+    got = mask_loss(out, batch, lambda_cm=2.0, lambda_cl=3.0, kl_weight=0.5, tau=0.2, prototypes=protos,
+                    ir_reduction="mean", cl_exclude_same_word=False, cl_normalize=False)
+    m = batch["mask"]
+    pi, ps, pw = batch["pair_image"], batch["pair_slot"], batch["pair_word"]
+    ir = loss_ir(batch["features"][m], out["r_rec"][m], out["mu"][m], out["logvar"][m], 0.5, reduction="mean")
+    assert got["loss_ir"].item() == pytest.approx(ir["loss_ir"].item(), rel=1e-6)
+    cl = naive_cl_literal(out["mu"][pi, ps], pw, protos, 0.2, pi * 4 + ps, normalize=False)
+    assert got["loss_cl"].item() == pytest.approx(cl, rel=1e-5)
+    terms = {k: float(v) for k, v in got.items()}
+    shares = L.loss_shares(terms, lambda_cm=2.0, lambda_cl=3.0, kl_weight=0.5)
+    assert set(shares) == {"share_rec", "share_kl", "share_cm", "share_cl"}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["share_cl"] == pytest.approx(3.0 * terms["loss_cl"] / terms["loss"], rel=1e-5)
+    assert shares["share_rec"] == pytest.approx(terms["loss_rec"] / terms["loss"], rel=1e-5)

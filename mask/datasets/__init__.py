@@ -62,13 +62,16 @@ __all__ = [
 _TABLES = ("images", "regions", "captions", "_errors")
 
 
-def read_dataset(cfg: Any, storage_options: dict | None = None, demo_root: str | None = None) -> DatasetTables:
+def read_dataset(cfg: Any, storage_options: dict | None = None, demo_root: str | None = None,
+                 exclude: tuple[set[int], set[int]] | None = None) -> DatasetTables:
     """Read the dataset a :class:`mask.config.DatasetConfig` describes.
 
     Args:
         cfg: the dataset config (``name, kind, path, image_root, splits, limit``).
         storage_options: fsspec options for remote inputs.
         demo_root: folder of the demo world when ``cfg.kind == "demo"`` and ``cfg.path`` is None.
+        exclude: ``(coco_ids, flickr_ids)`` of VG images to leave out (a gallery's images,
+            :func:`mask.datasets.overlap.gallery_source_ids`); VG / demo datasets only.
 
     Returns:
         :class:`DatasetTables` (regions lazy for VG / demo).
@@ -82,13 +85,16 @@ def read_dataset(cfg: Any, storage_options: dict | None = None, demo_root: str |
         if root is None:
             raise DatasetError(f"dataset {cfg.name!r}: kind 'demo' needs a folder (dataset.path) to hold the world")
         return read_demo_world(root, name=cfg.name, splits=cfg.splits, limit=cfg.limit,
-                               storage_options=storage_options)
+                               storage_options=storage_options,
+                               exclude_coco_ids=None if exclude is None else exclude[0],
+                               exclude_flickr_ids=None if exclude is None else exclude[1])
     if path is None:
         raise DatasetError(f"dataset {cfg.name!r}: kind {kind!r} needs dataset.path")
     so = storage_options
     if kind == "vg":
         return read_vg(path, cfg.image_root, name=cfg.name, splits=cfg.splits, limit=cfg.limit,
-                       storage_options=so)
+                       storage_options=so, exclude_coco_ids=None if exclude is None else exclude[0],
+                       exclude_flickr_ids=None if exclude is None else exclude[1])
     if kind == "karpathy":
         return read_karpathy(path, cfg.image_root, name=cfg.name, splits=cfg.splits, limit=cfg.limit,
                              storage_options=so)
@@ -104,7 +110,8 @@ def read_dataset(cfg: Any, storage_options: dict | None = None, demo_root: str |
 
 
 def ingest_dataset(store: Any, cfg: Any, storage_options: dict | None = None, demo_root: str | None = None,
-                   mlflow_run_id: str | None = None) -> dict[str, Any]:
+                   mlflow_run_id: str | None = None, exclude: tuple[set[int], set[int]] | None = None
+                   ) -> dict[str, Any]:
     """Read a dataset and write its artifact, unless it is committed for the same config and inputs.
 
     The artifact hash combines the dataset config with the fingerprints of the input files, so a
@@ -117,13 +124,18 @@ def ingest_dataset(store: Any, cfg: Any, storage_options: dict | None = None, de
         storage_options: fsspec options for remote inputs.
         demo_root: demo world folder when ``cfg.kind == "demo"`` and ``cfg.path`` is None.
         mlflow_run_id: recorded in the manifests.
+        exclude: VG images to leave out by ``(coco_ids, flickr_ids)`` (see :func:`read_dataset`); part of
+            the artifact's identity.
 
     Returns:
         The :func:`write_dataset` summary, with ``"reused": True`` when nothing was rewritten.
     """
 
-    tables = read_dataset(cfg, storage_options, demo_root)
-    h = dataset_hash(_fp(cfg.model_dump(mode="json")), tables.inputs)
+    tables = read_dataset(cfg, storage_options, demo_root, exclude=exclude)
+    ident = cfg.model_dump(mode="json")
+    if exclude is not None:
+        ident = {**ident, "exclude": [sorted(exclude[0]), sorted(exclude[1])]}
+    h = dataset_hash(_fp(ident), tables.inputs)
     manifests = {t: store.committed(dataset_rel(cfg.name, t), h) for t in _TABLES}
     needed = [t for t in _TABLES if t != "regions" or tables.regions is not None]
     needed = [t for t in needed if t != "captions" or tables.captions is not None]

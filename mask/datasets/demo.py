@@ -828,7 +828,8 @@ def demo_dataset_config(root: str | os.PathLike, train_name: str = "demo_vg",
 
 def read_demo_world(root: str | os.PathLike, *, name: str = "demo", splits: list[str] | None = None,
                     limit: int | None = None, generate: bool = True, seed: int = 0,
-                    storage_options: dict | None = None, **generate_kwargs: Any) -> DatasetTables:
+                    storage_options: dict | None = None, exclude_coco_ids=None, exclude_flickr_ids=None,
+                    **generate_kwargs: Any) -> DatasetTables:
     """Both parts of a demo world as one dataset: split ``train`` (VG, regions) and ``test`` (captions).
 
     Args:
@@ -841,6 +842,8 @@ def read_demo_world(root: str | os.PathLike, *, name: str = "demo", splits: list
         generate: run :func:`generate_demo_world` (with ``seed`` and ``generate_kwargs``) first.
         seed: the world's seed when generating.
         storage_options: fsspec options for a remote ``root``.
+        exclude_coco_ids, exclude_flickr_ids: passed to :func:`mask.datasets.vg.read_vg` (the demo's VG
+            images carry no such ids, so nothing is excluded; the count is reported as 0).
 
     Returns:
         :class:`DatasetTables`; ``regions`` streams the VG part.
@@ -857,7 +860,8 @@ def read_demo_world(root: str | os.PathLike, *, name: str = "demo", splits: list
             generate_demo_world(local, seed=seed, **generate_kwargs)
         root = str(local)
     so = storage_options
-    vg = read_vg(join_uri(root, "vg"), name=name, split="train", splits=splits, limit=limit, storage_options=so)
+    vg = read_vg(join_uri(root, "vg"), name=name, split="train", splits=splits, limit=limit, storage_options=so,
+                 exclude_coco_ids=exclude_coco_ids, exclude_flickr_ids=exclude_flickr_ids)
     gal = read_karpathy(join_uri(root, "karpathy", "dataset_demo.json"), join_uri(root, "karpathy"), name=name,
                         splits=["test"] if splits is None else splits, limit=limit, storage_options=so)
     vg.errors.extend(gal.errors)

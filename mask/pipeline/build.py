@@ -21,7 +21,7 @@ from mask.pipeline.identity import knowledge_version
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import knowledge_table, prepare_training_inputs, with_ood_vocabulary
 from mask.pipeline.train import train_model
-from mask.preflight import check_inputs
+from mask.preflight import check_inputs, check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def build_knowledge(cfg: MaskConfig) -> dict[str, Any]:
     # every check that needs no computation, before Ray and MLflow start (a captionless gallery fails here,
     # not after training)
     check_inputs(cfg, ["dataset", "gallery"] if cfg.gallery is not None else ["dataset"], gallery_captions=True)
+    check_settings(cfg)  # contradictory settings stop the job before any work (the key named)
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     uri = ctx.tracking_uri

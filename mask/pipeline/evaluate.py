@@ -93,6 +93,14 @@ def evaluate_gallery(ctx: JobContext, table, pae_bytes: bytes, det_weights: str 
         if isinstance(m, dict) and "rsum" in m:
             run.log_metrics({f"{name}.{k}": float(v) for k, v in m.items()})
     run.log_metrics({f"coverage.{k}": float(v) for k, v in results["coverage"].items()})
+    if "finetune" in results:  # Appendix H's own terms: per step (at most ~50 points), and first/last
+        ft = results["finetune"]
+        hist = ft.pop("history")
+        every = max(1, len(hist) // 50)
+        for i, h in enumerate(hist):
+            if i % every == 0 or i == len(hist) - 1:
+                run.log_metrics({f"finetune.{k}": v for k, v in h.items()}, step=i)
+        run.log_metrics({f"finetune.{k}": float(v) for k, v in ft.items()})
     run.log_text(md, "evaluation.md")
     return {"gallery": ctx.cfg.gallery.name, "images": len(o.image_ids), "features": g.features, "table": md,
             **results}

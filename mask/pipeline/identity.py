@@ -83,7 +83,7 @@ def score_hash(cfg: MaskConfig, knowledge) -> str:
     data = cfg.model_dump(mode="json")
     return fingerprint({"knowledge": [knowledge.uri, knowledge.config_hash], "features": extractor_name(cfg.detector),
                         "scoring": [sc.normalize, sc.pooling, sc.prototypes], "text": data["text"],
-                        "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m]})[:16]
+                        "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m, *cfg.knowledge.ood_identity()]})[:16]
 
 
 def mu_rel(cfg: MaskConfig, knowledge) -> str:
@@ -109,7 +109,7 @@ def index_version(cfg: MaskConfig, knowledge, dataset_hash: str, content: str | 
     ident = {"layout": INDEX_LAYOUT, "knowledge": [knowledge.uri, knowledge.config_hash], "gallery": dataset_hash,
              "content": content,
              "features": extractor_name(cfg.detector), "scoring": data["scoring"], "text": data["text"],
-             "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m]}
+             "vectors": data["vectors"], "ood": [cfg.knowledge.ood_method, cfg.knowledge.m, *cfg.knowledge.ood_identity()]}
     return f"i-{fingerprint(ident)[:16]}"
 
 

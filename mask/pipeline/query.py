@@ -85,7 +85,8 @@ class QueryEngine:
         self._x = torch.from_numpy(np.ascontiguousarray(_fill_padding(m, mask)).reshape(n * r, z))  # (N·R, Z)
         # the captions' vocabulary → prototypes once; captions as a sparse caption × word matrix
         vocab = sorted({w for ws in caption_words for w in ws})
-        protos, source, _ = build_prototypes_for(vocab, table, self._lookup, cfg.knowledge.ood_method, cfg.knowledge.m)
+        protos, source, _ = build_prototypes_for(vocab, table, self._lookup, cfg.knowledge.ood_method, cfg.knowledge.m,
+                                                 **cfg.knowledge.ood_options())
         kept = [w for w, s in zip(vocab, source, strict=True) if s != "missing"]
         keep = {w: j for j, w in enumerate(kept)}
         rows = np.asarray([i for i, s in enumerate(source) if s != "missing"], np.int64)
@@ -128,7 +129,7 @@ class QueryEngine:
             raise QueryError(f"query text: expected a str, got {type(text).__name__}")
         ws = self.parser.parse(text)
         protos, source, _ = build_prototypes_for(ws, self.table, self._lookup, self.cfg.knowledge.ood_method,
-                                                 self.cfg.knowledge.m)
+                                                 self.cfg.knowledge.m, **self.cfg.knowledge.ood_options())
         used = np.asarray([s != "missing" for s in source], bool)
         if not used.any():
             raise QueryError(self._nothing_to_score(text, ws))

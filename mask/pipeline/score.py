@@ -35,7 +35,7 @@ from mask.pipeline.index import build_index, read_index_file
 from mask.pipeline.rerank import rerank_index
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import ensure_dataset, gallery_detector, require_gallery, resolve_and_load_knowledge
-from mask.preflight import check_inputs
+from mask.preflight import check_inputs, check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ def score_gallery(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str
     check_inputs(cfg, ["gallery"], gallery_captions=True)  # before Ray / MLflow start, as the knowledge
     ctx = JobContext.from_config(cfg)
     store = ctx.store
+    check_settings(cfg)
     knowledge = resolve_and_load_knowledge(cfg, store, knowledge_ref)  # fails before Ray / MLflow start
+    check_settings(cfg, table=knowledge.table)  # what the knowledge stores (samples) vs the scoring config
     uri = ctx.tracking_uri
     with job_run(ctx, "score_gallery", tags={"knowledge_uri": knowledge.uri}) as run:
         t_all = time.perf_counter()

@@ -24,6 +24,7 @@ import pyarrow as pa
 from mask import tracking
 from mask.config import DatasetConfig, MaskConfig
 from mask.datasets import build_vocabulary, count_words, dataset_rel, generate_demo_world, ingest_dataset
+from mask.datasets.overlap import gallery_source_ids
 from mask.errors import MaskError
 from mask.features.extractor import RegionExtractor
 from mask.features.images import ImageError, decode_image
@@ -79,7 +80,16 @@ def demo_root(ctx: JobContext) -> str:
 def ensure_dataset(ctx: JobContext, dcfg, run_id: str | None) -> dict[str, pa.Table]:
     """Ingest a dataset (reusing a committed one) and return its tables."""
     droot = demo_root(ctx) if dcfg.kind == "demo" and dcfg.path is None else None
-    summary = ingest_dataset(ctx.store, dcfg, ctx.cfg.storage.options, droot, mlflow_run_id=run_id)
+    exclude = None
+    gal = ctx.cfg.gallery
+    if dcfg.exclude_gallery_overlap and dcfg.kind in ("vg", "demo") and gal is not None and dcfg is ctx.cfg.dataset:
+        # leakage guard: VG images that are images of the evaluation gallery never enter the knowledge
+        groot = demo_root(ctx) if gal.kind == "demo" and gal.path is None else None
+        exclude = gallery_source_ids(gal, ctx.cfg.storage.options, groot)
+    summary = ingest_dataset(ctx.store, dcfg, ctx.cfg.storage.options, droot, mlflow_run_id=run_id, exclude=exclude)
+    if exclude is not None:
+        summary["overlap"] = {"excluded_overlap": int((summary.get("stats") or {}).get("excluded_overlap", 0)),
+                              "gallery_coco_ids": len(exclude[0]), "gallery_flickr_ids": len(exclude[1])}
     out = {"summary": summary}
     for t in ("images", "regions", "captions", "_errors"):
         if ctx.store.manifest(dataset_rel(dcfg.name, t)) is not None:
@@ -220,6 +230,8 @@ def prepare_training_inputs(ctx: JobContext, run) -> TrainingInputs:
     # 1. datasets
     train = ensure_dataset(ctx, cfg.dataset, run.run_id)
     summary["dataset"] = train["summary"]
+    if "overlap" in train["summary"]:  # leakage guard: VG images that are gallery images, left out
+        run.log_metrics({f"dataset.{k}": v for k, v in train["summary"]["overlap"].items()})
     if train.get("regions") is None or not train["regions"].num_rows:
         raise ValueError(f"dataset {cfg.dataset.name} has no region annotations; training needs VG-style regions")
     # 2. detector + features on ground-truth boxes (the knowledge is built on those)
@@ -295,7 +307,8 @@ def with_ood_vocabulary(table: KnowledgeTable, kv, cfg: MaskConfig) -> Knowledge
     words = [w for w in kv.index_to_key[: cfg.knowledge.ood_vocab_size] if w not in known]
     vecs, found = vectors_for(kv, words)
     words = [w for w, f in zip(words, found, strict=True) if f]
-    return extend_with_ood(table, words, np.asarray(vecs)[found], cfg.knowledge.ood_method, cfg.knowledge.m)
+    return extend_with_ood(table, words, np.asarray(vecs)[found], cfg.knowledge.ood_method, cfg.knowledge.m,
+                           **cfg.knowledge.ood_options())
 
 
 def knowledge_table(store: Store, cfg: MaskConfig, features_rel_: str, pae_bytes: bytes, words: list[str],

@@ -37,7 +37,7 @@ import torch
 from mask.config import MaskConfig, TrainConfig
 from mask.errors import MaskError
 from mask.faults import driver_spec, exit_point
-from mask.losses import NonFiniteLoss, check_finite, mask_loss
+from mask.losses import NonFiniteLoss, check_finite, loss_shares, mask_loss
 from mask.models import PrototypeTable, build_model, save_pae
 from mask.pipeline.identity import train_run_name
 from mask.pipeline.runtime import JobContext, job_run
@@ -165,10 +165,18 @@ def images_per_batch(train: TrainConfig, epoch: int, pairs_per_image: float, wor
 
 
 def loss_weights(cfg: MaskConfig) -> dict[str, float]:
-    """Keyword arguments of :func:`mask.losses.mask_loss` from the config (λ1, λ2, KL weight, τ, DIAS)."""
+    """Keyword arguments of :func:`mask.losses.mask_loss` from the config (λ1, λ2, KL weight, τ, DIAS,
+    and the literal-form switches ``loss.cl_normalize``, ``loss.cl_exclude_same_word``, ``loss.ir_reduction``)."""
     lo = cfg.loss
     return {"lambda_cm": lo.lambda_cm, "lambda_cl": lo.lambda_cl, "kl_weight": lo.kl_weight, "tau": lo.tau,
-            "dias_weight": lo.dias_weight}
+            "dias_weight": lo.dias_weight, "cl_normalize": lo.cl_normalize,
+            "cl_exclude_same_word": lo.cl_exclude_same_word, "ir_reduction": lo.ir_reduction}
+
+
+def epoch_shares(epoch_metrics: dict[str, Any], weights: dict[str, Any]) -> dict[str, float]:
+    """``epoch.share_<term>``: each weighted loss term's share of the epoch's total (:func:`mask.losses.loss_shares`)."""
+    terms = {k[len("epoch."):]: v for k, v in epoch_metrics.items() if k.startswith("epoch.loss_")}
+    return {f"epoch.{k}": v for k, v in loss_shares(terms, **weights).items()}
 
 
 def train_step(model: torch.nn.Module, inner: TrainModule, opt: torch.optim.Optimizer, b: dict[str, torch.Tensor],
@@ -476,6 +484,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             totals = totals.cpu()
         all_pairs, all_batches = float(totals[0]), max(float(totals[1]), 1.0)
         metrics: dict[str, Any] = {f"epoch.{k}": float(totals[3 + i]) / all_batches for i, k in enumerate(keys)}
+        metrics.update(epoch_shares(metrics, weights))
         # throughput of the whole run: pairs of all workers over this worker's wall time of the epoch
         metrics.update({"epoch": epoch, "step": step, "pairs_per_s": all_pairs / max(secs, 1e-9),
                         "epoch_seconds": secs, "epoch_pairs": all_pairs, "epoch_cpu_seconds": float(totals[2]),

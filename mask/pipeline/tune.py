@@ -53,7 +53,7 @@ from mask.pipeline.tune_best import finalize
 from mask.pipeline.tune_inputs import DEMO_BASE, prepare_inputs
 from mask.pipeline.tune_mlflow import MlflowTrialRuns
 from mask.pipeline.tune_trial import TrialSetup, run_trial
-from mask.preflight import check_inputs
+from mask.preflight import check_inputs, check_settings
 from mask.storage import Store, code_version, fingerprint
 from mask.sweep import SCORE, SweepError, SweepSpec, clip_m, fmt
 
@@ -205,6 +205,7 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
     data["storage"]["root"] = Store(cfg.storage.root, cfg.storage.options).root
     cfg = MaskConfig.model_validate(data)
     check_inputs(cfg, ["dataset", "gallery"] if cfg.gallery is not None else ["dataset"], gallery_captions=True)
+    check_settings(cfg)
     ctx = JobContext.from_config(cfg)
     store = ctx.store
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):

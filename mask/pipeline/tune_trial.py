@@ -42,6 +42,7 @@ from mask.datasets import dataset_rel
 from mask.evaluation import gallery_scores, map_captions, padded_mu
 from mask.faults import fires
 from mask.knowledge import KnowledgeTable, PrototypeAccumulator
+from mask.losses import loss_shares
 from mask.metrics import recall_at_k
 from mask.models import save_pae
 from mask.pipeline.represent import MuStage
@@ -236,7 +237,8 @@ def train_epoch(module, opt: torch.optim.Optimizer, rows: dict[str, np.ndarray],
     """One epoch of eq. 14 over the training rows in a seeded order (same order after a resume).
 
     Returns:
-        ``({"loss", "loss_ir", …}: means over the epoch's batches, the step count after it)``.
+        ``({"loss", "loss_ir", …, "share_rec", …}: means over the epoch's batches and each weighted
+        term's share of the total (:func:`mask.losses.loss_shares`), the step count after it)``.
     """
 
     module.train()
@@ -254,7 +256,8 @@ def train_epoch(module, opt: torch.optim.Optimizer, rows: dict[str, np.ndarray],
         batches += 1
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    return {k: v / max(batches, 1) for k, v in sums.items()}, step
+    means = {k: v / max(batches, 1) for k, v in sums.items()}
+    return {**means, **loss_shares(means, **weights)}, step
 
 
 def _batches(rows: dict[str, np.ndarray], size: int):
