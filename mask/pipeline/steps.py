@@ -112,7 +112,7 @@ def ensure_detector(ctx: JobContext, calib_uris: list[str]) -> str | None:
     every later run (gallery, re-index) uses the very same network.
     """
     det = ctx.cfg.detector
-    if det.weights:
+    if det.weights or det.backend == "efficientnet_lite0":  # actors load the package's (or given) weights
         return None
     base = det.model_copy(update={"mode": "fixed"})
     rel = f"detectors/{extractor_name(base)}"
@@ -144,7 +144,7 @@ def calibrated_random_weights(det, uris: list[str], storage_options: dict) -> by
 def gallery_detector(ctx: JobContext, run) -> str | None:
     """The committed detector weights the gallery features use (the same network as the knowledge's)."""
     det = ctx.cfg.detector
-    if det.weights:
+    if det.weights or det.backend == "efficientnet_lite0":  # actors load the package's (or given) weights
         return None
     base = det.model_copy(update={"mode": "fixed"})
     rel = f"detectors/{extractor_name(base)}"

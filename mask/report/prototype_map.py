@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mask.alignment import unit_rows
-from mask.datasets.demo import COLOURS, OBJECT_ASPECT, SIZES, SYNONYMS, TEXTURES
+from mask.datasets.demo import COLOURS, OBJECT_ASPECT, PARTS, SCENERY, SIZES, SYNONYMS, TEXTURES
 from mask.report import plots
 from mask.report.runs import ReportError
 
@@ -50,13 +50,14 @@ GENERIC_GROUPS: dict[str, list[str]] = {
 
 
 def demo_groups() -> dict[str, list[str]]:
-    """The demo world's word lists (:mod:`mask.datasets.demo`), each with its caption synonyms."""
+    """The demo world's word lists (:mod:`mask.datasets.demo`), each with its candidate caption synonyms."""
 
     def with_synonyms(ws: Sequence[str]) -> list[str]:
         return [x for w in ws for x in (w, *SYNONYMS.get(w, ()))]
 
     return {"objects": with_synonyms(list(OBJECT_ASPECT)), "colours": with_synonyms(list(COLOURS)),
-            "sizes": with_synonyms(SIZES), "textures": with_synonyms(TEXTURES)}
+            "sizes": with_synonyms(SIZES), "textures": with_synonyms(TEXTURES),
+            "parts": with_synonyms([p for p in PARTS if p not in OBJECT_ASPECT]), "scenery": with_synonyms(SCENERY)}
 
 
 def load_groups(path: str | Path) -> dict[str, list[str]]:
