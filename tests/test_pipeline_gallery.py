@@ -488,7 +488,8 @@ def test_query_evidence_is_the_argmax_region_and_is_drawn(world, tmp_path):
         m = normalize_rows(np.asarray(mu.column("mu")[0].as_py(), np.float32).reshape(n, z))
         sims = m @ protos.T  # (n, W): the reference, each word's best region
         for k, ev in enumerate(hit["regions"]):
-            assert ev["region"] == int(np.argmax(sims[:, k]))
+            # the region eq. 10's max picked (ties within float32 rounding may pick either of equal regions)
+            assert sims[ev["region"], k] >= sims[:, k].max() - 1e-5
             assert ev["score"] == pytest.approx(float(sims[:, k].max()), abs=1e-5)
         assert np.mean([ev["score"] for ev in hit["regions"]]) == pytest.approx(hit["score"], abs=1e-5)
     for hit in out["image"][0]["results"]:

@@ -159,12 +159,12 @@ def test_mismatched_checkpoint_is_named(trained):
 @pytest.fixture(scope="module")
 def variant(trained, tmp_path_factory):
     """Word vectors lacking some words + the "w/o KL" ablation + a worker killed at the start of epoch 1."""
-    from mask.datasets.demo import COLOURS, OBJECT_ASPECT, SIZES, TEXTURES
+    from mask.datasets.demo import COLOURS, OBJECT_ASPECT, PARTS, SCENERY, SIZES, TEXTURES
     from mask.faults import FAULT_ENV
 
     root, _ = trained
     tmp = tmp_path_factory.mktemp("variant")
-    words = sorted({*OBJECT_ASPECT, *COLOURS, *SIZES, *TEXTURES})
+    words = sorted({*OBJECT_ASPECT, *PARTS, *SCENERY, *COLOURS, *SIZES, *TEXTURES})  # the world's VG-side words
     omitted = set(words[::3])
     rng = np.random.default_rng(0)
     with open(tmp / "tiny.glove.txt", "w") as f:

@@ -251,8 +251,9 @@ def test_user_folder_with_a_captions_file_grows_incrementally(world, tmp_path):
     folder.mkdir()
 
     def publish(n):
-        for rec in images[:n]:
-            shutil.copy(rec["uri"], folder / f"{rec['image_id']}.jpg")
+        for rec in images[:n]:  # new files only: the images already there stay as they are (same stamp)
+            if not (folder / f"{rec['image_id']}.jpg").exists():
+                shutil.copy(rec["uri"], folder / f"{rec['image_id']}.jpg")
         keep = {r["image_id"] for r in images[:n]}
         with open(tmp_path / "captions.csv", "w", newline="") as f:
             w = csv.DictWriter(f, ["caption_id", "image_id", "text"])
@@ -343,7 +344,8 @@ def test_changed_image_bytes_and_caption_text_are_recomputed(world, tmp_path):
     assert second["status"] == "built" and second["previous"] == first["version"]
     assert (r["images"], r["features_extracted"], r["mu_computed"], r["mu_changed"]) == (4, 2, 2, 1)
     assert r["mu_commits"] == 1
-    assert r["word_score_rows_computed"] == 2 and r["captions_parsed"] == 1
+    # parsed: the repaired image's captions (left out of the first index with their image) + the edited one
+    assert r["word_score_rows_computed"] == 2 and r["captions_parsed"] == sum(c["image_id"] == broken for c in captions) + 1
     rel = f"indexes/changing/{second['version']}"
     caps = {c["caption_id"]: c for c in read_index_file(store, rel, "captions.parquet").to_pylist()}
     assert set(caps[captions[0]["caption_id"]]["words"]) >= {"umbrella", "ball"}
