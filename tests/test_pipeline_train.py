@@ -199,14 +199,16 @@ def test_words_without_vectors_are_counted_and_reported(variant, trained):
     v = s["vocabulary"]
     assert v["vocabulary"] == trained[1]["vocabulary"]["vocabulary"]  # same VG words as with full vectors
     assert v["no_vector"] > 0 and set(v["no_vector_examples"]) <= omitted
-    assert len(v["no_vector_examples"]) == v["no_vector"] and v["kept"] == v["vocabulary"] - v["no_vector"]
+    assert len(v["no_vector_examples"]) == min(v["no_vector"], 20)  # the summary lists at most 20
+    assert v["kept"] == v["vocabulary"] - v["no_vector"]
     assert v["no_vector_regions"] > 0
     assert s["training"]["vocabulary"] == v["kept"]
     client = _client(s)
     run = client.get_run(s["mlflow"]["run_id"])
     assert run.data.metrics["vocabulary.no_vector"] == v["no_vector"]
     listed = json.loads(Path(client.download_artifacts(run.info.run_id, "vocabulary/no_vector.json")).read_text())
-    assert sorted(listed["no_vector"]) == sorted(v["no_vector_examples"])
+    assert len(listed["no_vector"]) == v["no_vector"] and set(listed["no_vector"]) <= omitted  # every one
+    assert set(v["no_vector_examples"]) <= set(listed["no_vector"])
 
 
 def test_ablation_runs_are_separate(variant, trained):
