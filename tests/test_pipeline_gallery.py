@@ -52,7 +52,10 @@ def test_index_is_committed_with_all_outputs(world):
     from mask.metrics import recall_at_k
 
     s = world["scored"]
-    assert s["index"]["reused"] is False and s["index"]["version"].startswith("i-")
+    # the main job committed it (build_index, the same version); score_gallery reuses it
+    assert s["index"]["version"].startswith("i-") and s["index"]["reused"] is True
+    assert world["built"]["evaluation"]["index"] == {"uri": s["index"]["uri"], "version": s["index"]["version"],
+                                                     "reused": False, "metrics": s["metrics"]}
     assert s["knowledge"]["uri"] == world["built"]["knowledge"]["uri"]
     store, rel, f = _index(world)
     m = store.manifest(rel)
@@ -91,17 +94,17 @@ def test_index_is_committed_with_all_outputs(world):
 
 
 def test_index_metrics_match_main_job_mask_scores(world):
-    """The main job's inline evaluation and the index use the same scorer on the same gallery."""
-    assert world["scored"]["metrics"] == pytest.approx(
-        {k: world["built"]["evaluation"]["mask"][k] for k in world["scored"]["metrics"]})
+    """The main job's ablation table and its committed index score MASK the same on the same gallery."""
+    table, index = world["built"]["evaluation"]["mask"], world["built"]["evaluation"]["index"]["metrics"]
+    assert index == pytest.approx({k: table[k] for k in index})
 
 
-def test_score_gallery_reuses_the_main_jobs_mu(world):
-    """The main job's evaluation commits μ to the gallery's shared μ artifact; score_gallery computes none."""
+def test_the_main_jobs_index_holds_its_mu(world):
+    """The main job's index keeps μ in the gallery's shared μ artifact, computed once by that build."""
     store, rel, f = _index(world)
     assert world["built"]["evaluation"]["mu"] == store.uri(f["index.json"]["mu"])
-    assert f["metrics.json"]["reuse"]["mu_computed"] == 0
-    assert f["metrics.json"]["reuse"]["mu_where"] == "none"
+    assert f["metrics.json"]["reuse"]["mu_computed"] == f["metrics.json"]["images"] == 10
+    assert f["metrics.json"]["reuse"]["reused_from"] is None
 
 
 def test_mlflow_run_of_score_gallery(world):

@@ -72,13 +72,15 @@ def _scratch(world, limit, version="i-scratch"):
     return build_index(ctx, NullRun(), k, gal, version, None, live=None)
 
 
-def test_first_run_builds_and_switches_current_then_is_up_to_date(world):
+def test_first_run_switches_to_the_main_jobs_index_then_is_up_to_date(world):
     from jobs import reindex
 
     first = reindex.main(_args(world, 10))
-    assert first["status"] == "built" and first["previous"] is None
-    # μ of these 10 images with this knowledge was committed by the main job's evaluation (shared μ artifact)
-    assert first["reuse"]["reused_from"] is None and first["reuse"]["mu_computed"] == 0
+    # the main job committed the index of this gallery and knowledge through build_index: the first re-index
+    # computes nothing and makes it live
+    assert first["status"] == "switched" and first["previous"] is None and "reuse" not in first
+    assert first["version"] == world["built"]["evaluation"]["index"]["version"]
+    assert first["metrics"] == world["built"]["evaluation"]["index"]["metrics"]
     cur = _current(world)
     assert cur["version"] == first["version"] and cur["previous"] is None
     assert cur["mlflow_run_id"] == first["mlflow"]["run_id"]
@@ -183,14 +185,20 @@ def test_committed_version_that_is_not_live_is_only_switched(world):
 
 def test_new_knowledge_rescores_but_reuses_features(world):
     from jobs import build_knowledge, reindex
+    from mask.pipeline.index import read_index_file
 
-    k2 = build_knowledge.main(_args(world, 12, "train.epochs=3"))
+    # k2's main job evaluates on the first 10 images: it commits an index of that gallery (10 μ of k2)
+    k2 = build_knowledge.main(_args(world, 10, "train.epochs=3"))
     assert k2["knowledge"]["uri"] != world["built"]["knowledge"]["uri"]
+    k2_index = read_index_file(_store(world), f"indexes/demo_gallery/{k2['evaluation']['index']['version']}",
+                               "metrics.json")["reuse"]
+    assert k2_index["features_extracted"] == 0 and k2_index["mu_computed"] == 10
+    # the live 12-image index was scored with another knowledge: every pair is rescored, no feature extracted,
+    # and only the 2 images the main job did not evaluate get a μ
     out = reindex.main([*_args(world, 12), "--knowledge", k2["knowledge"]["uri"]])
     r = out["reuse"]
     assert out["status"] == "built" and out["knowledge"] == k2["knowledge"]["uri"]
-    # the main job that built k2 evaluated it on this 12-image gallery: its μ is committed already
-    assert r["score_reuse"] is False and r["features_extracted"] == 0 and r["mu_computed"] == 0
+    assert r["score_reuse"] is False and r["features_extracted"] == 0 and r["mu_computed"] == 2
     assert r["word_score_rows_computed"] == 12
 
 

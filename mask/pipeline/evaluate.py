@@ -1,8 +1,8 @@
 """Evaluation jobs: the main job's gallery table and the evaluation of a committed index.
 
 :func:`evaluate_gallery` (the main job, when the config names a gallery): gallery features (detected
-boxes) → μ → MASK and its ablations (:func:`mask.evaluation.evaluate`) → the R@K table, logged to
-MLflow.  :func:`evaluate_job` (``jobs/evaluate.py``): R@1/5/10 both ways and Rs of a committed index,
+boxes) → μ → a committed index (:func:`mask.pipeline.index.build_index`, as ``score_gallery``) → MASK and
+its ablations on the index's order (:func:`mask.evaluation.evaluate`) → the R@K table, logged to MLflow.  :func:`evaluate_job` (``jobs/evaluate.py``): R@1/5/10 both ways and Rs of a committed index,
 or of a dense score file in its order, by an evaluation protocol (:data:`PROTOCOLS`).
 """
 
@@ -18,16 +18,14 @@ import pyarrow as pa
 from mask.config import MaskConfig
 from mask.evaluation import evaluate, format_table, markdown_table
 from mask.metrics import coco_5fold_1k, coco_5k, recall_at_k
-from mask.pipeline.extract import run_extraction
-from mask.pipeline.identity import features_rel, mu_rel
+from mask.pipeline.identity import gallery_content, index_root, index_version
 from mask.pipeline.index import (
     DENSE_FILE,
-    ensure_mu,
-    features_content,
+    build_index,
     find_index,
-    gallery_order,
     has_file,
     index_dense,
+    index_order,
     read_index_file,
     read_mu,
     recall_from_topk,
@@ -41,12 +39,14 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_gallery(ctx: JobContext, knowledge: ResolvedKnowledge, det_weights: str | None, run) -> dict[str, Any]:
-    """The main job's evaluation: gallery features (detected boxes) → μ → MASK and its ablations → R@K
+    """The main job's evaluation: a committed index of the gallery, then MASK and its ablations → R@K
     table (logged to MLflow).
 
-    μ goes to the gallery's shared μ artifact (:func:`mask.pipeline.index.ensure_mu`, keyed by the
-    knowledge and the features), so a later ``score_gallery`` or ``reindex`` with this knowledge
-    computes none again.
+    The index is built by :func:`mask.pipeline.index.build_index` — the path ``score_gallery`` and
+    ``reindex`` take — under the version they compute for this knowledge and gallery
+    (:func:`mask.pipeline.identity.index_version`), so they reuse it; its μ lives in the gallery's shared
+    μ artifact.  The ablation table (:func:`mask.evaluation.evaluate`) reads the index's gallery order
+    and that μ; its MASK row and the index's metrics are the same scores (tested).
 
     Args:
         ctx: job context.
@@ -59,17 +59,9 @@ def evaluate_gallery(ctx: JobContext, knowledge: ResolvedKnowledge, det_weights:
     gallery = ensure_dataset(ctx, gcfg, run.run_id)
     if gallery.get("captions") is None:
         raise GalleryError(f"gallery {gcfg.name}: the dataset has no captions")
-    fsum = run_extraction(cfg, store, gcfg.name, gallery["images"], None, det_weights, tracker=run)
-    frel = features_rel(gcfg.name, cfg.detector)
-    if not store.part_uris(frel):
-        raise GalleryError(f"gallery {gcfg.name}: no image has region features ({store.uri(frel)})")
-    content = features_content(store, frel)
-    o = gallery_order(gallery["images"], gallery["captions"], set(content), gcfg.name)
-    if o.dropped_images:
-        logger.warning("gallery %s: %d images have no features (see the features' _errors) and are left out",
-                       gcfg.name, o.dropped_images)
-    mrel = mu_rel(cfg, knowledge)
-    ensure_mu(ctx, knowledge.pae_bytes, frel, mrel, mrel.rsplit("/", 1)[-1], o.image_ids, run.run_id, content)
+    index = _committed_index(ctx, knowledge, gallery, det_weights, run)
+    o = index_order(store, index["rel"])
+    mrel = read_index_file(store, index["rel"], "index.json")["mu"]
     captions = pa.table({"caption_id": o.caption_ids, "image_id": o.caption_image, "text": o.texts})
     results = evaluate(cfg, knowledge.table, o.image_ids, read_mu(store, mrel, o.image_ids), captions)
     md = format_table(results)
@@ -86,8 +78,28 @@ def evaluate_gallery(ctx: JobContext, knowledge: ResolvedKnowledge, det_weights:
                 run.log_metrics({f"finetune.{k}": v for k, v in h.items()}, step=i)
         run.log_metrics({f"finetune.{k}": float(v) for k, v in ft.items()})
     run.log_text(md, "evaluation.md")
-    return {"gallery": gcfg.name, "images": len(o.image_ids), "features": fsum, "table": md, "mu": store.uri(mrel),
+    return {"gallery": gcfg.name, "images": len(o.image_ids), "features": index["features"], "table": md,
+            "mu": store.uri(mrel), "index": {k: index[k] for k in ("uri", "version", "reused", "metrics")},
             **results}
+
+
+def _committed_index(ctx: JobContext, knowledge: ResolvedKnowledge, gallery: dict[str, Any],
+                     det_weights: str | None, run) -> dict[str, Any]:
+    """The gallery's index for this knowledge: reused when committed, else built and committed."""
+    cfg, store = ctx.cfg, ctx.store
+    version = index_version(cfg, knowledge, gallery["summary"]["config_hash"],
+                            gallery_content(cfg, gallery["images"].column("uri").to_pylist()))
+    rel = f"{index_root(cfg.gallery.name)}/{version}"
+    if store.committed(rel, version) is not None:
+        logger.info("index %s is committed; reused", store.uri(rel))
+        metrics, features, reused = read_index_file(store, rel, "metrics.json"), {"reused_index": True}, True
+    else:
+        built = build_index(ctx, run, knowledge, gallery, version, det_weights)
+        metrics, features, reused = built.metrics, built.features, False
+    run.log_params({"index.version": version})
+    run.log_metrics({f"index.mask.{k}": float(v) for k, v in metrics["mask"].items()})
+    return {"rel": rel, "uri": store.uri(rel), "version": version, "reused": reused, "metrics": metrics["mask"],
+            "features": features}
 
 
 PROTOCOLS = ("all", "flickr30k-1k", "coco-5k", "coco-5fold-1k")
