@@ -186,7 +186,8 @@ class DetectorConfig(ActorPoolConfig):
     # Images per detector batch; num_actors pins the pool to a fixed size (None = min_actors..max_actors).
     batch_size: int = Field(default=4, ge=1)
     num_actors: int | None = Field(default=None, ge=1)
-    # Restarts of a crashed detector actor, and retries of its in-flight batches (Ray's own; -1 = unlimited).
+    # Restarts of a crashed detector actor (Ray's own; -1 = unlimited); its in-flight batches are retried on
+    # the restarted actor for as long as it can be restarted.
     max_restarts: int = Field(default=3, ge=-1)
     # Calibrate BN statistics on the input images when the weights are random (demo only).
     calibrate_random: bool = True

@@ -115,20 +115,28 @@ class SimCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "autoscaling.yaml"
         for attempt in range(attempts):
-            self.port, self.dash = _free_port(), _free_port()
+            self.port, self.dash, self.agent = _free_port(), _free_port(), _free_port()
             self.config["provider"]["gcs_address"] = self.address
             cfg.write_text(json.dumps(self.config))  # JSON is YAML
             log = self.workdir / f"head-{attempt}.log"
+            # Every port of the head chosen free: Ray's fixed defaults (dashboard agent 52365, client server
+            # 10001, …) are taken when another Ray runs on this machine, and a head whose agent cannot bind
+            # answers every job submission with "No available agent to submit job".
+            ports = [f"--dashboard-agent-listen-port={self.agent}", f"--dashboard-agent-grpc-port={_free_port()}",
+                     f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                     f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
+                     f"--object-manager-port={_free_port()}"]
             proc = subprocess.run(
                 [str(self.bin / "ray"), "start", "--head", f"--port={self.port}",
                  f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--autoscaling-config={cfg}",
-                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", "--disable-usage-stats"],
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", *ports, "--disable-usage-stats"],
                 env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=600)
             text = log.read_text(errors="replace")
             self.session_name = self._find_session()
             self.session_dir = f"/tmp/ray/{self.session_name}" if self.session_name else None
             if proc.returncode == 0 and "Ray runtime started" in text:
                 _wait_port(self.dash, timeout=180)
+                _wait_port(self.agent, timeout=180)  # the job agent: jobs are accepted from now on
                 return self
             self.stop()  # whatever of this attempt is left, by PID
         raise RuntimeError(f"the simulated cluster's head did not start in {attempts} attempts "
