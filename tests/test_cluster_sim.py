@@ -146,7 +146,8 @@ def _summary(output: str) -> dict:
     """The job's printed summary: the last top-level JSON object in its output."""
     dec = json.JSONDecoder()
     found = None
-    for i in [i for i in range(len(output)) if output.startswith("{\n", i)]:
+    # a "{" that opens a line (nested objects are indented)
+    for i in [i for i in range(len(output)) if output.startswith("{\n", i) and (i == 0 or output[i - 1] == "\n")]:
         try:
             found, _ = dec.raw_decode(output[i:])
         except json.JSONDecodeError:
