@@ -283,6 +283,9 @@ class TrainConfig(_Strict):
     # Ray Train workers and whether each gets a GPU.
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
+    # torch.distributed backend of the Ray Train workers: auto = Ray's choice (NCCL with use_gpu, else gloo);
+    # gloo where the GPU nodes' torch has no CUDA/NCCL (the simulated cluster's fake GPU nodes).
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     # Save a checkpoint every this many epochs (and at the end).
     checkpoint_every: int = Field(default=10, ge=1)
     # Restarts of the training run after a worker failure.

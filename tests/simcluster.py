@@ -97,7 +97,7 @@ class SimCluster:
         self.head: subprocess.Popen | None = None  # unused: the head is not a --block child
         self.session_dir: str | None = None
         self.session_name: str | None = None
-        self.worker_raylets: set[int] = set()
+        self.worker_raylets: dict[int, str] = {}  # every worker raylet seen: PID → fake node id
 
     @property
     def address(self) -> str:
@@ -187,20 +187,25 @@ class SimCluster:
 
     def stop(self) -> None:
         """Stop every process of this cluster by PID (SIGTERM, then SIGKILL): the head's and the fake
-        worker nodes' (their raylets outlive the head).  Never ``ray stop``."""
-        self.raylets()
-        pids = set(self.pids()) | set(self.worker_raylets)
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_running(p) for p in pids):
-            time.sleep(0.5)
-        for p in pids:
-            if _running(p):
-                kill_tree(p)
+        worker nodes' (their raylets outlive the head).  Never ``ray stop``.  Repeated until a scan finds
+        none: the head's autoscaler may launch a node between a scan and its own end."""
+        for _ in range(6):
+            self.raylets()
+            pids = {p for p in set(self.pids()) | set(self.worker_raylets) if _running(p)}
+            if not pids:
+                return
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and any(_running(p) for p in pids):
+                time.sleep(0.5)
+            for p in pids:
+                if _running(p):
+                    kill_tree(p)
+            time.sleep(1)
 
 
 def _running(pid: int) -> bool:
