@@ -30,17 +30,17 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.sampling import Sampler  # noqa: E402
 
 STAGES = ("ingest", "train", "knowledge", "gallery")
 
 
-class PeakRss:
+class PeakRss(Sampler):
     """Peak RSS of this process (the driver) and of the largest single descendant named ``ray::…``."""
 
     def __init__(self, interval: float = 0.1):
@@ -64,21 +64,9 @@ class PeakRss:
             if rss > self.worker:
                 self.worker, self.worker_name = rss, name
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
     def __enter__(self) -> PeakRss:
-        self._stop = threading.Event()
-        self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._start()
         return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 def vg_words(n: int = 400) -> list[str]:
