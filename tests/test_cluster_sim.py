@@ -14,8 +14,8 @@ submitted with ``ray job submit`` as docs/operations.md does.  Checked:
 * idle GPU nodes are scaled down after the jobs.
 
 Everything started here is stopped by PID (tests/simcluster.py): never ``ray stop``.
-Heavy: marked slow (``pytest --runslow tests/test_cluster_sim.py``). Not yet passed end to end on the shared
-2-core machine it was written on (Ray start-up timeouts under load); not in ``.ci/run`` until it has.
+Heavy: marked slow (``pytest --runslow tests/test_cluster_sim.py``); ``.ci/run`` runs it once after the
+README's test command.
 """
 
 from __future__ import annotations
