@@ -222,7 +222,16 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=2048, help="region-word pairs per training batch")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--report", nargs="+", metavar="JSON",
+                   help="print the table again from the per-size results files of an earlier run")
     args = p.parse_args(argv)
+    if args.report:
+        results = []
+        for path in args.report:
+            with open(path) as f:
+                results.append(json.load(f))
+        report(sorted(results, key=lambda r: r["images"]))
+        return
     if args.one:
         res = one_size(args.one, args)
         with open(args.out, "w") as f:
@@ -230,7 +239,7 @@ def main(argv=None) -> None:
         return
     results = []
     for n in sorted(args.images):
-        out = tempfile.mktemp(suffix=".json")
+        out = os.path.join(tempfile.gettempdir(), f"bench-scale-{n}-{os.getpid()}.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--one", str(n), "--out", out, "--regions",
                str(args.regions), "--dim", str(args.dim), "--gallery", str(args.gallery), "--batch", str(args.batch)]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -241,9 +250,15 @@ def main(argv=None) -> None:
             break
         with open(out) as f:
             results.append(json.load(f))
-        print(f"size {n}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"size {n}: done in {time.perf_counter() - t0:.0f} s (results: {out}; --report reprints them)",
+              flush=True)
     if not results:
         return
+    report(results)
+
+
+def report(results: list[dict]) -> None:
+    """The table, the per-stage peaks and the two ratios (smallest vs largest size run)."""
     gib = 2 ** 30
     print(f"\n{'images':>8} {'regions':>9} " + " ".join(f"{s + ' s':>12}" for s in STAGES)
           + f" {'driver peak':>12} {'worker peak':>12} {'load':>6}")
