@@ -82,8 +82,9 @@ class SimCluster:
     """A fake autoscaling cluster started and stopped by PID (see the module docstring)."""
 
     def __init__(self, workdir: Path, gpu_nodes: int = 2, head_cpus: int = 1, gpu_node_cpus: int = 1,
-                 idle_timeout_minutes: float = 0.1, env: dict[str, str] | None = None):
+                 idle_timeout_minutes: float = 0.1, env: dict[str, str] | None = None, cwd: Path | None = None):
         self.workdir = Path(workdir)
+        self.cwd = cwd  # the head's processes (and jobs submitted without a working dir) run here
         self.ip = host_ip()
         self.port, self.dash = _free_port(), _free_port()
         self.config = autoscaling_config(self.ip, self.port, head_cpus, gpu_nodes, gpu_node_cpus,
@@ -130,7 +131,7 @@ class SimCluster:
                 [str(self.bin / "ray"), "start", "--head", f"--port={self.port}",
                  f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--autoscaling-config={cfg}",
                  "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", *ports, "--disable-usage-stats"],
-                env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=600)
+                env=self.env, cwd=self.cwd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=600)
             text = log.read_text(errors="replace")
             self.session_name = self._find_session()
             self.session_dir = f"/tmp/ray/{self.session_name}" if self.session_name else None

@@ -52,7 +52,7 @@ def sim(s3_server, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     path = os.pathsep.join([str(ROOT), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
     cluster = SimCluster(tmp_path_factory.mktemp("simcluster"), gpu_nodes=2, idle_timeout_minutes=0.1,
-                         env=dict(os.environ, PYTHONPATH=path))  # every node runs this checkout's code
+                         env=dict(os.environ, PYTHONPATH=path), cwd=ROOT)  # every node runs this checkout
     cluster.start()
     try:
         yield cluster, bucket, s3_server
@@ -88,10 +88,10 @@ class Job:
         # No --working-dir here: every fake node unpacks it into the same folder on this one machine, and a
         # node that joins mid-job deletes and unpacks it again under the other nodes' running workers (seen:
         # "No module named 'mask.features.checkpoint'" in a write task).  The nodes run this checkout through
-        # PYTHONPATH instead (see the ``sim`` fixture), the driver from the checkout (cd).
+        # PYTHONPATH instead (see the ``sim`` fixture); the head runs in the checkout (its cwd).
         cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--submission-id", self.sid,
                "--no-wait", "--runtime-env-json", json.dumps({"env_vars": {"PYTHONUNBUFFERED": "1"}}),
-               "--", "cd", str(ROOT), "&&", "python", script, *args]
+               "--", "python", str(ROOT / script), *args]
         deadline = time.monotonic() + 300
         for attempt in range(1000):
             out = subprocess.run(cmd, env=_client_env(), capture_output=True, text=True, cwd=ROOT, timeout=300)
