@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,8 +35,11 @@ import numpy as np
 import psutil
 import pyarrow as pa
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.sampling import Sampler  # noqa: E402
 
-class TreeMonitor:
+
+class TreeMonitor(Sampler):
     """Peak summed memory and CPU seconds of this process (and its descendants, with ``tree``).
 
     Sampled every ``interval`` s in a thread from cheap counters (``/proc/<pid>/statm`` and ``stat``;
@@ -73,12 +76,6 @@ class TreeMonitor:
             self.peak_rss, self.at_peak = rss, parts
         self.peak_private = max(self.peak_private, private)
 
-    def _run(self) -> None:
-        t0 = time.thread_time()
-        while not self._stop.wait(self.interval):
-            self._sample()
-        self._own_cpu = time.thread_time() - t0
-
     @property
     def cpu_seconds(self) -> float:
         return sum(v - self._cpu_first[k] for k, v in self._cpu_last.items()) - self._own_cpu
@@ -86,7 +83,6 @@ class TreeMonitor:
     def __enter__(self) -> TreeMonitor:
         self.peak_rss = self.peak_private = 0
         self.at_peak: list[tuple[str, int]] = []
-        self._own_cpu = 0.0
         self._cpu_first, self._cpu_last = {}, {}
         for p in self._procs():  # baseline: CPU already used before the run
             try:
@@ -94,16 +90,8 @@ class TreeMonitor:
                 self._cpu_first[p.pid] = c.user + c.system
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._sample()
-        self._thread.start()
+        self._start()
         return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 def bare_loop(det, weights: bytes, uris: list[str]) -> int:

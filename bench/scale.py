@@ -30,17 +30,17 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.sampling import Sampler  # noqa: E402
 
 STAGES = ("ingest", "train", "knowledge", "gallery")
 
 
-class PeakRss:
+class PeakRss(Sampler):
     """Peak RSS of this process (the driver) and of the largest single descendant named ``ray::…``."""
 
     def __init__(self, interval: float = 0.1):
@@ -64,21 +64,9 @@ class PeakRss:
             if rss > self.worker:
                 self.worker, self.worker_name = rss, name
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
     def __enter__(self) -> PeakRss:
-        self._stop = threading.Event()
-        self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._start()
         return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 def vg_words(n: int = 400) -> list[str]:
@@ -234,7 +222,16 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=2048, help="region-word pairs per training batch")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--report", nargs="+", metavar="JSON",
+                   help="print the table again from the per-size results files of an earlier run")
     args = p.parse_args(argv)
+    if args.report:
+        results = []
+        for path in args.report:
+            with open(path) as f:
+                results.append(json.load(f))
+        report(sorted(results, key=lambda r: r["images"]))
+        return
     if args.one:
         res = one_size(args.one, args)
         with open(args.out, "w") as f:
@@ -242,7 +239,7 @@ def main(argv=None) -> None:
         return
     results = []
     for n in sorted(args.images):
-        out = tempfile.mktemp(suffix=".json")
+        out = os.path.join(tempfile.gettempdir(), f"bench-scale-{n}-{os.getpid()}.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--one", str(n), "--out", out, "--regions",
                str(args.regions), "--dim", str(args.dim), "--gallery", str(args.gallery), "--batch", str(args.batch)]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -253,9 +250,15 @@ def main(argv=None) -> None:
             break
         with open(out) as f:
             results.append(json.load(f))
-        print(f"size {n}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"size {n}: done in {time.perf_counter() - t0:.0f} s (results: {out}; --report reprints them)",
+              flush=True)
     if not results:
         return
+    report(results)
+
+
+def report(results: list[dict]) -> None:
+    """The table, the per-stage peaks and the two ratios (smallest vs largest size run)."""
     gib = 2 ** 30
     print(f"\n{'images':>8} {'regions':>9} " + " ".join(f"{s + ' s':>12}" for s in STAGES)
           + f" {'driver peak':>12} {'worker peak':>12} {'load':>6}")

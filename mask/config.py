@@ -186,7 +186,8 @@ class DetectorConfig(ActorPoolConfig):
     # Images per detector batch; num_actors pins the pool to a fixed size (None = min_actors..max_actors).
     batch_size: int = Field(default=4, ge=1)
     num_actors: int | None = Field(default=None, ge=1)
-    # Restarts of a crashed detector actor, and retries of its in-flight batches (Ray's own; -1 = unlimited).
+    # Restarts of a crashed detector actor (Ray's own; -1 = unlimited); its in-flight batches are retried on
+    # the restarted actor for as long as it can be restarted.
     max_restarts: int = Field(default=3, ge=-1)
     # Calibrate BN statistics on the input images when the weights are random (demo only).
     calibrate_random: bool = True
@@ -282,6 +283,9 @@ class TrainConfig(_Strict):
     # Ray Train workers and whether each gets a GPU.
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
+    # torch.distributed backend of the Ray Train workers: auto = Ray's choice (NCCL with use_gpu, else gloo);
+    # gloo where the GPU nodes' torch has no CUDA/NCCL (the simulated cluster's fake GPU nodes).
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     # Save a checkpoint every this many epochs (and at the end).
     checkpoint_every: int = Field(default=10, ge=1)
     # Restarts of the training run after a worker failure.

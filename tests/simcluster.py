@@ -82,8 +82,9 @@ class SimCluster:
     """A fake autoscaling cluster started and stopped by PID (see the module docstring)."""
 
     def __init__(self, workdir: Path, gpu_nodes: int = 2, head_cpus: int = 1, gpu_node_cpus: int = 1,
-                 idle_timeout_minutes: float = 0.1, env: dict[str, str] | None = None):
+                 idle_timeout_minutes: float = 0.1, env: dict[str, str] | None = None, cwd: Path | None = None):
         self.workdir = Path(workdir)
+        self.cwd = cwd  # the head's processes (and jobs submitted without a working dir) run here
         self.ip = host_ip()
         self.port, self.dash = _free_port(), _free_port()
         self.config = autoscaling_config(self.ip, self.port, head_cpus, gpu_nodes, gpu_node_cpus,
@@ -97,7 +98,7 @@ class SimCluster:
         self.head: subprocess.Popen | None = None  # unused: the head is not a --block child
         self.session_dir: str | None = None
         self.session_name: str | None = None
-        self.worker_raylets: set[int] = set()
+        self.worker_raylets: dict[int, str] = {}  # every worker raylet seen: PID → fake node id
 
     @property
     def address(self) -> str:
@@ -115,20 +116,28 @@ class SimCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "autoscaling.yaml"
         for attempt in range(attempts):
-            self.port, self.dash = _free_port(), _free_port()
+            self.port, self.dash, self.agent = _free_port(), _free_port(), _free_port()
             self.config["provider"]["gcs_address"] = self.address
             cfg.write_text(json.dumps(self.config))  # JSON is YAML
             log = self.workdir / f"head-{attempt}.log"
+            # Every port of the head chosen free: Ray's fixed defaults (dashboard agent 52365, client server
+            # 10001, …) are taken when another Ray runs on this machine, and a head whose agent cannot bind
+            # answers every job submission with "No available agent to submit job".
+            ports = [f"--dashboard-agent-listen-port={self.agent}", f"--dashboard-agent-grpc-port={_free_port()}",
+                     f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                     f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
+                     f"--object-manager-port={_free_port()}"]
             proc = subprocess.run(
                 [str(self.bin / "ray"), "start", "--head", f"--port={self.port}",
                  f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--autoscaling-config={cfg}",
-                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", "--disable-usage-stats"],
-                env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=600)
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", *ports, "--disable-usage-stats"],
+                env=self.env, cwd=self.cwd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=600)
             text = log.read_text(errors="replace")
             self.session_name = self._find_session()
             self.session_dir = f"/tmp/ray/{self.session_name}" if self.session_name else None
             if proc.returncode == 0 and "Ray runtime started" in text:
                 _wait_port(self.dash, timeout=180)
+                _wait_port(self.agent, timeout=180)  # the job agent: jobs are accepted from now on
                 return self
             self.stop()  # whatever of this attempt is left, by PID
         raise RuntimeError(f"the simulated cluster's head did not start in {attempts} attempts "
@@ -179,20 +188,25 @@ class SimCluster:
 
     def stop(self) -> None:
         """Stop every process of this cluster by PID (SIGTERM, then SIGKILL): the head's and the fake
-        worker nodes' (their raylets outlive the head).  Never ``ray stop``."""
-        self.raylets()
-        pids = set(self.pids()) | set(self.worker_raylets)
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_running(p) for p in pids):
-            time.sleep(0.5)
-        for p in pids:
-            if _running(p):
-                kill_tree(p)
+        worker nodes' (their raylets outlive the head).  Never ``ray stop``.  Repeated until a scan finds
+        none: the head's autoscaler may launch a node between a scan and its own end."""
+        for _ in range(6):
+            self.raylets()
+            pids = {p for p in set(self.pids()) | set(self.worker_raylets) if _running(p)}
+            if not pids:
+                return
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and any(_running(p) for p in pids):
+                time.sleep(0.5)
+            for p in pids:
+                if _running(p):
+                    kill_tree(p)
+            time.sleep(1)
 
 
 def _running(pid: int) -> bool:

@@ -475,7 +475,11 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
         bs = det.batch_size
         retries = {"max_restarts": det.max_restarts}
         if det.max_restarts != 0:
-            retries["max_task_retries"] = det.max_restarts
+            # A batch is retried for as long as its actor can be restarted (Ray Data's own default): retries
+            # stay bounded by max_restarts, since a task on an actor that is dead for good fails.  A fixed
+            # count is spent in seconds on a lost node ("actor unavailable" until Ray notices the node is
+            # gone and restarts the actor elsewhere), which failed the job on the simulated cluster.
+            retries["max_task_retries"] = -1
         lease = Lease(store, f"{rel}/{RUNS_DIR}/{run_dir}", det.run_ttl_s).acquire()
         finished = False
         try:

@@ -686,6 +686,7 @@ def run_training(ctx: JobContext, ds, stats: dict[str, int], word_vectors: np.nd
         NonFiniteLoss: a loss term became NaN/inf (the message names the step and the term).
     """
     import ray.train
+    import ray.train.torch
     from ray.train.torch import TorchTrainer
 
     cfg = ctx.cfg
@@ -712,6 +713,8 @@ def run_training(ctx: JobContext, ds, stats: dict[str, int], word_vectors: np.nd
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": ds},
+        **({} if cfg.train.dist_backend == "auto"
+           else {"torch_config": ray.train.torch.TorchConfig(backend=cfg.train.dist_backend)}),
     )
     t0 = time.perf_counter()
     try:
