@@ -213,30 +213,56 @@ def test_ood_and_scoring_ablations(store, report):
         check_row(row, store.full_metrics[v])
 
 
-def test_lambda_table_and_heatmap(store, report):
+def test_lambda_tables_never_mix_evaluations(store, report):
+    """Builds (whole gallery, 3 epochs) and sweep trials (validation split) get separate tables and plots;
+    neither set of λ values is a complete grid, so both are scatters coloured by Rs."""
     _, out, md, js = report
-    rows = tables(section(md, "λ1 and λ2"))[0]
-    for row in rows:
-        rid = next(r for r in store.logged if r.startswith(row["run"]))
-        if rid in store.trials:  # MASK alone at the trial's best m
-            t = store.trials[rid]
-            assert (float(row["λ1"]), float(row["λ2"])) == t["l"] and row["metrics"] == "grid.m_10.*"
-            assert row["m"] == "10"
-            check_row(row, t["grid"][10])
-        else:
-            logged = store.logged[rid]
-            assert row["m"] == f"{logged['params']['knowledge.m']:g}"
-            check_row(row, {k: logged["metrics"][f"mask.{k}"] for k in METRICS})
-    assert len([r for r in rows if r["job"] == "tune-trial"]) == 3
-    data = js["sections"]["λ1 and λ2 (Tables 4 and 15)"]["data"]
-    grid = np.asarray(data["grid"], float)
-    # cell (λ1=3, λ2=3): the best Rs of the full build (+ m=10 build) and the (3, 3) trial
-    t33 = next(t for t in store.trials.values() if t["l"] == (3.0, 3.0))
-    want = max(store.full_metrics["mask"]["rsum"], store.m10["rsum"], t33["grid"][10]["rsum"],
-               store.ablations["w/o KL"][1]["rsum"])  # λ1 = λ2 = 3 with a zero KL weight
-    assert grid[data["lambda1"].index(3.0), data["lambda2"].index(3.0)] == pytest.approx(want)
-    assert np.isnan(grid[data["lambda1"].index(5.0), data["lambda2"].index(3.0)])  # no run there
-    assert (out / "lambda_heatmap.png").exists()
+    sec = section(md, "λ1 and λ2")
+    assert "\n\n2 tables: runs evaluated on different galleries/splits" in sec
+    builds, trials = tables(sec)
+    assert {r["job"] for r in builds} == {"build_knowledge"} and {r["job"] for r in trials} == {"tune-trial"}
+    assert {(r["gallery/split"], r["epochs"]) for r in builds} == {("demo_gallery, whole gallery", "3")}
+    assert len(trials) == 3 and len({r["gallery/split"] for r in trials}) == 1
+    assert "validation split of sweep" in trials[0]["gallery/split"]
+    for row in trials:
+        t = store.trials[next(r for r in store.trials if r.startswith(row["run"]))]
+        assert (float(row["λ1"]), float(row["λ2"])) == t["l"] and row["metrics"] == "grid.m_10.*" and row["m"] == "10"
+        check_row(row, t["grid"][10])
+    for row in builds:
+        logged = store.logged[next(r for r in store.logged if r.startswith(row["run"]))]
+        assert row["m"] == f"{logged['params']['knowledge.m']:g}"
+        check_row(row, {k: logged["metrics"][f"mask.{k}"] for k in METRICS})
+    groups = js["sections"]["λ1 and λ2 (Tables 4 and 15)"]["data"]["groups"]
+    assert [g["plot"] for g in groups] == ["scatter", "scatter"]
+    assert [g["image"] for g in groups] == ["lambda_scatter.png", "lambda_scatter_2.png"]
+    for g in groups:
+        assert (out / g["image"]).exists() and f"]({g['image']})" in sec
+
+
+def test_lambda_fixed_grid_is_a_heatmap_of_mean_rs(tmp_path):
+    from mask.report.compose import lambda_section
+    from mask.report.runs import RunRecord
+
+    def rec(i, l1, l2, rs, epochs="40"):
+        m = {f"mask.{k}": rs / 7 for k in METRICS if k != "rsum"} | {"mask.rsum": rs}
+        return RunRecord(run_id=f"r{i:07d}x", name="", job="experiment", status="FINISHED", start_time=i,
+                         experiment_id="0", params={"loss.lambda_cm": str(l1), "loss.lambda_cl": str(l2),
+                                                    "gallery.name": "g", "train.epochs": "400"},
+                         metrics=m, tags={"experiment.epochs": epochs})
+    runs, i = [], 0
+    for l1 in (1.0, 3.0):
+        for l2 in (1.0, 3.0):
+            for seed_rs in (100.0, 110.0):
+                runs.append(rec(i, l1, l2, seed_rs + 10 * l1 + l2))
+                i += 1
+    runs.append(rec(99, 5.0, 5.0, 500.0, epochs="8"))  # other epochs: never in the same table
+    runs.append(rec(98, 1.0, 1.0, 400.0, epochs="8"))
+    sec = lambda_section(runs, str(tmp_path))
+    grid_group, other = sec.data["groups"]
+    assert grid_group["plot"] == "heatmap" and grid_group["epochs"] == "40" and other["epochs"] == "8"
+    assert np.asarray(grid_group["grid"]) == pytest.approx(np.array([[116.0, 118.0], [136.0, 138.0]]))
+    assert len(grid_group["rows"]) == 8 and len(other["rows"]) == 2
+    assert (tmp_path / "lambda_heatmap.png").exists() and (tmp_path / "lambda_scatter_2.png").exists()
 
 
 def test_m_table_from_the_best_trial_and_from_builds(store, report):
@@ -288,7 +314,7 @@ def test_pngs_are_valid_images_with_content(report):
     from PIL import Image
 
     summary, out, md, _ = report
-    assert set(summary["images"]) == {"lambda_heatmap.png", "recall_vs_m.png", "rs_vs_alpha.png",
+    assert set(summary["images"]) == {"lambda_scatter.png", "lambda_scatter_2.png", "recall_vs_m.png", "rs_vs_alpha.png",
                                       "training_curves.png", "prototype_tsne.png"}
     for name in summary["images"]:
         assert f"]({name})" in md
