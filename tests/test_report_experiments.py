@@ -91,9 +91,10 @@ def test_sections_quote_the_paper_and_say_the_demo_direction(tmp_path):
     t3 = next(s for s in sections if s.startswith("Table 3 — loss ablations"))
     assert "Same direction as the paper." in t3 and "without_L_cl -80.0" in t3
     t6 = next(s for s in sections if s.startswith("Table 6"))
-    assert "**Differs from the paper:**" in t6 and "at an end of the grid" in t6
+    assert "**Differs from the paper:**" in t6 and "at an end of the grid (α = 0.5), beyond the spread" in t6
     h = next(s for s in sections if s.startswith("Appendix H"))
     assert "with − without +1.0 (within the spread)" in h and "7.00 ± 0.00 → 6.00 ± 0.00" in h
+    assert "here the change is within the spread" in h
     assert "Appendix H" not in next(s for s in sections if s.startswith("Literal choices"))
     for f in ("lambda_heatmap", "m_curve", "alpha_curve", "heldout_curve", "lcm_trend"):
         assert (tmp_path / f"{f}.png").stat().st_size > 1000, f
@@ -117,3 +118,7 @@ def test_direction_lines_follow_the_numbers():
     assert exceeds(a, b) and not exceeds((10.0, 3.0, 3), b)
     assert "Same direction" in curve_line("m", [1, 10, 50], [(100, 1, 3), (120, 1, 3), (105, 1, 3)], "m = 50")
     assert "Differs" in curve_line("m", [1, 10, 50], [(100, 1, 3), (120, 1, 3), (125, 1, 3)], "m = 50")
+    flat = curve_line("m", [1, 10, 50], [(100, 9, 3), (104, 9, 3), (101, 9, 3)], "m = 50")
+    assert "Differs" in flat and "not separated from both ends" in flat
+    end = curve_line("α", [0, 0.1, 1], [(100, 1, 3), (101, 1, 3), (100.5, 1, 3)], "α = 0.15")
+    assert "interior point that beats both ends" not in end
