@@ -37,6 +37,7 @@ from mask.report.prototype_map import groups_for, prototype_map
 from mask.report.runs import (
     ReportError,
     RunRecord,
+    comparable_params,
     dedupe,
     load_history,
     param_differences,
@@ -186,16 +187,30 @@ def evaluation_of(r: RunRecord) -> tuple[str, str, str]:
     return (f"{gal}, whole gallery", f"{r.job}: MASK (mask.*)", ep)
 
 
+_LAMBDA_FREE = frozenset({"loss.lambda_cm", "loss.lambda_cl", "loss.lambda1", "loss.lambda2", "seed", "train.seed",
+                          "train.epochs", "epochs_done"})
+
+
+def _setting_signature(r: RunRecord) -> tuple:
+    """What else must be equal for runs to share a λ table: a sweep's trials share their sweep (their sampled
+    keys are columns); other runs every comparable param except λ, seeds and epochs (e.g. an
+    ``ir_reduction`` or zero-KL run at λ1 = λ2 = 3 is not averaged into the grid's (3, 3) cell)."""
+    if r.job == "tune-trial":
+        return ("sweep", r.tags.get("tune.sweep") or r.parent_id or "")
+    return tuple(sorted((k, v) for k, v in comparable_params(r).items() if k not in _LAMBDA_FREE))
+
+
 def lambda_section(points: list[RunRecord], out: str) -> Section:
     """Tables 4/15: one table (and one plot) per (gallery/split, protocol, epochs) — runs evaluated
     differently are never mixed.  A complete fixed grid is drawn as a heatmap of the mean Rs per cell;
     sampled λ values as a scatter on the λ axes coloured by Rs."""
     title = "λ1 and λ2 (Tables 4 and 15)"
     pts = [(r, *mask_metrics(r)) for r in points]
-    pts = [(r, m, src) for r, m, src in pts if m is not None and None not in r.lambdas]
-    groups: dict[tuple[str, str, str], list] = defaultdict(list)
+    # λ = 0 is a loss ablation (its own section), not a point of the λ grid
+    pts = [(r, m, src) for r, m, src in pts if m is not None and None not in r.lambdas and 0.0 not in r.lambdas]
+    groups: dict[tuple, list] = defaultdict(list)
     for p in pts:
-        groups[evaluation_of(p[0])].append(p)
+        groups[(*evaluation_of(p[0]), _setting_signature(p[0]))].append(p)
     groups = {k: g for k, g in groups.items() if len({r.lambdas for r, _, _ in g}) >= 2}
     if not groups:
         return _omitted(title, "needs runs at two or more (λ1, λ2) settings evaluated on the same gallery/split, "
@@ -203,7 +218,7 @@ def lambda_section(points: list[RunRecord], out: str) -> Section:
                                "different `loss.lambda_cm` / `loss.lambda_cl`, or `python jobs/experiments.py`.")
     parts, images, gdata = [], [], []
     for gi, (key, g) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
-        split, proto, ep = key
+        split, proto, ep, _ = key
         g.sort(key=lambda t: (t[0].lambdas[0], t[0].lambdas[1], -t[1]["rsum"]))
         rows, tails, data = [], [], []
         for r, m, src in g:
