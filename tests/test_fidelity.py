@@ -29,9 +29,9 @@ def _batch(rng, n=4, dim=6, words=5):
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ([], {"ir_reduction": "sum", "cl_normalize": True, "cl_exclude_same_word": True}),
-    (["loss.ir_reduction=mean", "loss.cl_normalize=false", "loss.cl_exclude_same_word=false"],
-     {"ir_reduction": "mean", "cl_normalize": False, "cl_exclude_same_word": False}),
+    ([], {"ir_reduction": "mean", "cl_normalize": True, "cl_exclude_same_word": True}),
+    (["loss.ir_reduction=sum", "loss.cl_normalize=false", "loss.cl_exclude_same_word=false"],
+     {"ir_reduction": "sum", "cl_normalize": False, "cl_exclude_same_word": False}),
 ])
 def test_loss_switches_reach_mask_loss(monkeypatch, rng, overrides, expected):
     import mask.losses as L

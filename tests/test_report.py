@@ -213,30 +213,57 @@ def test_ood_and_scoring_ablations(store, report):
         check_row(row, store.full_metrics[v])
 
 
-def test_lambda_table_and_heatmap(store, report):
+def test_lambda_section_takes_the_sweep_and_leaves_out_ablations(store, report):
+    """The builds vary λ only as loss ablations (λ = 0: Table 3's section) or at one λ pair with other params
+    changed, so the λ section is the sweep's trials alone (validation split), a scatter of sampled λ."""
     _, out, md, js = report
-    rows = tables(section(md, "λ1 and λ2"))[0]
-    for row in rows:
-        rid = next(r for r in store.logged if r.startswith(row["run"]))
-        if rid in store.trials:  # MASK alone at the trial's best m
-            t = store.trials[rid]
-            assert (float(row["λ1"]), float(row["λ2"])) == t["l"] and row["metrics"] == "grid.m_10.*"
-            assert row["m"] == "10"
-            check_row(row, t["grid"][10])
-        else:
-            logged = store.logged[rid]
-            assert row["m"] == f"{logged['params']['knowledge.m']:g}"
-            check_row(row, {k: logged["metrics"][f"mask.{k}"] for k in METRICS})
-    assert len([r for r in rows if r["job"] == "tune-trial"]) == 3
-    data = js["sections"]["λ1 and λ2 (Tables 4 and 15)"]["data"]
-    grid = np.asarray(data["grid"], float)
-    # cell (λ1=3, λ2=3): the best Rs of the full build (+ m=10 build) and the (3, 3) trial
-    t33 = next(t for t in store.trials.values() if t["l"] == (3.0, 3.0))
-    want = max(store.full_metrics["mask"]["rsum"], store.m10["rsum"], t33["grid"][10]["rsum"],
-               store.ablations["w/o KL"][1]["rsum"])  # λ1 = λ2 = 3 with a zero KL weight
-    assert grid[data["lambda1"].index(3.0), data["lambda2"].index(3.0)] == pytest.approx(want)
-    assert np.isnan(grid[data["lambda1"].index(5.0), data["lambda2"].index(3.0)])  # no run there
-    assert (out / "lambda_heatmap.png").exists()
+    sec = section(md, "λ1 and λ2")
+    (trials,) = tables(sec)
+    assert {r["job"] for r in trials} == {"tune-trial"} and len(trials) == 3
+    assert len({r["gallery/split"] for r in trials}) == 1 and "validation split of sweep" in trials[0]["gallery/split"]
+    for row in trials:
+        t = store.trials[next(r for r in store.trials if r.startswith(row["run"]))]
+        assert (float(row["λ1"]), float(row["λ2"])) == t["l"] and row["metrics"] == "grid.m_10.*" and row["m"] == "10"
+        check_row(row, t["grid"][10])
+    (g,) = js["sections"]["λ1 and λ2 (Tables 4 and 15)"]["data"]["groups"]
+    assert g["plot"] == "scatter" and g["image"] == "lambda_scatter.png" and (out / g["image"]).exists()
+
+
+def test_lambda_tables_never_mix_evaluations_or_settings(tmp_path):
+    """One table per (gallery/split, protocol, epochs, other params): a complete fixed grid is a heatmap of
+    the mean Rs over seeds; runs at other epochs, another gallery or another KL weight are separate tables
+    (scatters when their λ values are no complete grid); λ = 0 runs are left out (loss ablations)."""
+    from mask.report.compose import lambda_section
+    from mask.report.runs import RunRecord
+
+    def rec(i, l1, l2, rs, epochs="40", gallery="g", kl="1.0", seed=0):
+        m = {f"mask.{k}": rs / 7 for k in METRICS if k != "rsum"} | {"mask.rsum": rs}
+        return RunRecord(run_id=f"r{i:07d}x", name="", job="experiment", status="FINISHED", start_time=i,
+                         experiment_id="0", params={"loss.lambda_cm": str(l1), "loss.lambda_cl": str(l2),
+                                                    "gallery.name": gallery, "train.epochs": "400",
+                                                    "loss.kl_weight": kl, "seed": str(seed), "train.seed": str(seed)},
+                         metrics=m, tags={"experiment.epochs": epochs})
+    runs, i = [], 0
+    for l1 in (1.0, 3.0):
+        for l2 in (1.0, 3.0):
+            for seed, seed_rs in enumerate((100.0, 110.0)):
+                runs.append(rec(i, l1, l2, seed_rs + 10 * l1 + l2, seed=seed))
+                i += 1
+    runs += [rec(99, 5.0, 5.0, 500.0, epochs="8"), rec(98, 1.0, 1.0, 400.0, epochs="8"),  # other epochs
+             rec(97, 3.0, 3.0, 900.0, kl="0.0"), rec(96, 1.0, 1.0, 900.0, kl="0.0"),  # another KL weight
+             rec(95, 3.0, 3.0, 1.0, gallery="h"), rec(94, 1.0, 3.0, 2.0, gallery="h"),  # another gallery
+             rec(93, 0.0, 3.0, 5.0)]  # a loss ablation
+    sec = lambda_section(runs, str(tmp_path))
+    groups = sec.data["groups"]
+    assert len(groups) == 4 and sec.body.count("| experiment | mask.* |") == 14
+    grid_group = groups[0]
+    assert grid_group["plot"] == "heatmap" and grid_group["epochs"] == "40" and len(grid_group["rows"]) == 8
+    assert np.asarray(grid_group["grid"]) == pytest.approx(np.array([[116.0, 118.0], [136.0, 138.0]]))
+    assert all(0.0 not in (r["lambda1"], r["lambda2"]) for g in groups for r in g["rows"])
+    by = {(g["gallery_split"], g["epochs"], len(g["rows"])): g["plot"] for g in groups[1:]}
+    assert by == {("g, whole gallery", "8", 2): "scatter", ("g, whole gallery", "40", 2): "scatter",  # KL 0
+                  ("h, whole gallery", "40", 2): "heatmap"}  # (3, 3) and (1, 3): a complete 2 × 1 grid
+    assert (tmp_path / "lambda_heatmap.png").exists() and (tmp_path / "lambda_scatter_2.png").exists()
 
 
 def test_m_table_from_the_best_trial_and_from_builds(store, report):
@@ -288,7 +315,7 @@ def test_pngs_are_valid_images_with_content(report):
     from PIL import Image
 
     summary, out, md, _ = report
-    assert set(summary["images"]) == {"lambda_heatmap.png", "recall_vs_m.png", "rs_vs_alpha.png",
+    assert set(summary["images"]) == {"lambda_scatter.png", "recall_vs_m.png", "rs_vs_alpha.png",
                                       "training_curves.png", "prototype_tsne.png"}
     for name in summary["images"]:
         assert f"]({name})" in md

@@ -37,6 +37,7 @@ from mask.report.prototype_map import groups_for, prototype_map
 from mask.report.runs import (
     ReportError,
     RunRecord,
+    comparable_params,
     dedupe,
     load_history,
     param_differences,
@@ -95,7 +96,7 @@ def mask_metrics(r: RunRecord) -> tuple[dict[str, float] | None, str]:
     build_knowledge: ``mask.*``.  Sweep trial: ``grid.m_<best.m>.*`` (MASK alone at the trial's best
     m), else the grid row with the best Rs, else ``best.*``.
     """
-    if r.job == "build_knowledge":
+    if r.job in ("build_knowledge", "experiment"):
         return r.recall("mask"), "mask.*"
     grid = r.grid_m()
     m = r.param_float("best.m")
@@ -174,36 +175,93 @@ def ood_ablation(builds: list[RunRecord]) -> Section:
     return Section(title, body, data=data)
 
 
+def evaluation_of(r: RunRecord) -> tuple[str, str, str]:
+    """(gallery/split, protocol, epochs) of a run's MASK metrics: what must be equal for two runs' Rs to be
+    compared in one table (issue 13, item 7)."""
+    gal = r.params.get("gallery.name") or r.params.get("base.gallery.name") or "?"
+    if r.job == "tune-trial":
+        sweep = r.tags.get("tune.sweep") or (r.parent_id or "?")[:8]
+        ep = r.params.get("epochs_done") or "?"
+        return (f"{gal}, validation split of sweep {sweep}", "Tune trial: MASK alone at its best m", ep)
+    ep = r.tags.get("experiment.epochs") or r.params.get("train.epochs") or "?"
+    return (f"{gal}, whole gallery", f"{r.job}: MASK (mask.*)", ep)
+
+
+_LAMBDA_FREE = frozenset({"loss.lambda_cm", "loss.lambda_cl", "loss.lambda1", "loss.lambda2", "seed", "train.seed",
+                          "train.epochs", "epochs_done"})
+
+
+def _setting_signature(r: RunRecord) -> tuple:
+    """What else must be equal for runs to share a λ table: a sweep's trials share their sweep (their sampled
+    keys are columns); other runs every comparable param except λ, seeds and epochs (e.g. an
+    ``ir_reduction`` or zero-KL run at λ1 = λ2 = 3 is not averaged into the grid's (3, 3) cell)."""
+    if r.job == "tune-trial":
+        return ("sweep", r.tags.get("tune.sweep") or r.parent_id or "")
+    return tuple(sorted((k, v) for k, v in comparable_params(r).items() if k not in _LAMBDA_FREE))
+
+
 def lambda_section(points: list[RunRecord], out: str) -> Section:
+    """Tables 4/15: one table (and one plot) per (gallery/split, protocol, epochs) — runs evaluated
+    differently are never mixed.  A complete fixed grid is drawn as a heatmap of the mean Rs per cell;
+    sampled λ values as a scatter on the λ axes coloured by Rs."""
     title = "λ1 and λ2 (Tables 4 and 15)"
     pts = [(r, *mask_metrics(r)) for r in points]
-    pts = [(r, m, src) for r, m, src in pts if m is not None and None not in r.lambdas]
-    pairs = {r.lambdas for r, _, _ in pts}
-    if len(pairs) < 2:
-        return _omitted(title, "needs runs at two or more (λ1, λ2) settings: a Tune sweep (`python tune/sweep.py`) "
-                               "or build_knowledge runs with different `loss.lambda_cm` / `loss.lambda_cl`.")
-    pts.sort(key=lambda t: (t[0].lambdas[0], t[0].lambdas[1], -t[1]["rsum"]))
-    rows, tails, data = [], [], []
-    for r, m, src in pts:
-        l1, l2 = r.lambdas
-        ratio = fmt_num(l1 / l2) if l2 else "–"
-        m_used = r.param_float("knowledge.m") if r.job == "build_knowledge" else r.param_float("best.m")
-        rows.append(([fmt_num(l1), fmt_num(l2), ratio, fmt_num(r.param_float("loss.tau")), fmt_num(m_used)], m))
-        tails.append([r.job, src, r.short])
-        data.append({"run_id": r.run_id, "lambda1": l1, "lambda2": l2, "source": src, **m})
-    body = recall_table(["λ1", "λ2", "λ1/λ2", "τ", "m"], rows, ["job", "metrics", "run"], tails)
-    l1s = sorted({p[0] for p in pairs})
-    l2s = sorted({p[1] for p in pairs})
-    grid = np.full((len(l1s), len(l2s)), np.nan)
-    for r, m, _ in pts:
-        i, j = l1s.index(r.lambdas[0]), l2s.index(r.lambdas[1])
-        grid[i, j] = m["rsum"] if np.isnan(grid[i, j]) else max(grid[i, j], m["rsum"])
-    plots.heatmap(l1s, l2s, grid, os.path.join(out, "lambda_heatmap.png"), row_label="λ1 (L_cm weight)",
-                  col_label="λ2 (L_cl weight)", title="Rs over λ1 × λ2")
-    body += ("\n\n![Rs over λ1 × λ2](lambda_heatmap.png)\n\nHeatmap cells: the best Rs among the runs at "
-             "that (λ1, λ2); blank = no run. Sweep trials count with MASK alone at their best m.")
-    return Section(title, body, ["lambda_heatmap.png"],
-                   data={"rows": data, "lambda1": l1s, "lambda2": l2s, "grid": grid.tolist()})
+    # λ = 0 is a loss ablation (its own section), not a point of the λ grid
+    pts = [(r, m, src) for r, m, src in pts if m is not None and None not in r.lambdas and 0.0 not in r.lambdas]
+    groups: dict[tuple, list] = defaultdict(list)
+    for p in pts:
+        groups[(*evaluation_of(p[0]), _setting_signature(p[0]))].append(p)
+    groups = {k: g for k, g in groups.items() if len({r.lambdas for r, _, _ in g}) >= 2}
+    if not groups:
+        return _omitted(title, "needs runs at two or more (λ1, λ2) settings evaluated on the same gallery/split, "
+                               "protocol and epochs: a Tune sweep (`python tune/sweep.py`), build_knowledge runs with "
+                               "different `loss.lambda_cm` / `loss.lambda_cl`, or `python jobs/experiments.py`.")
+    parts, images, gdata = [], [], []
+    for gi, (key, g) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
+        split, proto, ep, _ = key
+        g.sort(key=lambda t: (t[0].lambdas[0], t[0].lambdas[1], -t[1]["rsum"]))
+        rows, tails, data = [], [], []
+        for r, m, src in g:
+            l1, l2 = r.lambdas
+            ratio = fmt_num(l1 / l2) if l2 else "–"
+            m_used = r.param_float("best.m") if r.job == "tune-trial" else r.param_float("knowledge.m")
+            rows.append(([fmt_num(l1), fmt_num(l2), ratio, fmt_num(r.param_float("loss.tau")), fmt_num(m_used),
+                          split, proto, str(ep)], m))
+            tails.append([r.job, src, r.short])
+            data.append({"run_id": r.run_id, "lambda1": l1, "lambda2": l2, "source": src, **m})
+        body = recall_table(["λ1", "λ2", "λ1/λ2", "τ", "m", "gallery/split", "protocol", "epochs"], rows,
+                            ["job", "metrics", "run"], tails)
+        pairs = {r.lambdas for r, _, _ in g}
+        l1s = sorted({p[0] for p in pairs})
+        l2s = sorted({p[1] for p in pairs})
+        name = "lambda_heatmap.png" if gi == 0 else f"lambda_heatmap_{gi + 1}.png"
+        fixed = len(pairs) == len(l1s) * len(l2s) and len(l1s) <= 8 and len(l2s) <= 8
+        entry: dict[str, Any] = {"gallery_split": split, "protocol": proto, "epochs": ep, "rows": data,
+                                 "plot": "heatmap" if fixed else "scatter"}
+        if fixed:
+            grid = np.full((len(l1s), len(l2s)), np.nan)
+            for i, a in enumerate(l1s):
+                for j, b in enumerate(l2s):
+                    grid[i, j] = float(np.mean([m["rsum"] for r, m, _ in g if r.lambdas == (a, b)]))
+            plots.heatmap(l1s, l2s, grid, os.path.join(out, name), row_label="λ1 (L_cm weight)",
+                          col_label="λ2 (L_cl weight)", title=f"mean Rs over λ1 × λ2 ({split}, {ep} epochs)")
+            entry.update({"lambda1": l1s, "lambda2": l2s, "grid": grid.tolist()})
+            note = "Heatmap cells: the mean Rs of the runs at that (λ1, λ2) (a complete fixed grid)."
+        else:
+            name = name.replace("heatmap", "scatter")
+            plots.scatter_values([r.lambdas[0] for r, _, _ in g], [r.lambdas[1] for r, _, _ in g],
+                                 [m["rsum"] for _, m, _ in g], os.path.join(out, name), xlabel="λ1 (L_cm weight)",
+                                 ylabel="λ2 (L_cl weight)", title=f"Rs of sampled (λ1, λ2) ({split}, {ep} epochs)")
+            note = "Sampled λ values (not a grid): one point per run, coloured by Rs."
+        entry["image"] = name
+        images.append(name)
+        gdata.append(entry)
+        parts.append(f"**{split}; {proto}; {ep} epochs** ({len(g)} runs):\n\n{body}\n\n"
+                     f"![Rs over λ1, λ2]({name})\n\n{note}")
+    if len(groups) > 1:
+        parts.insert(0, f"{len(groups)} tables: runs evaluated on different galleries/splits, protocols or epochs "
+                        "are not compared in one table.")
+    return Section(title, "\n\n".join(parts), images, data={"groups": gdata})
 
 
 def _groups_varying(runs: list[RunRecord], key: str, value) -> list[list[RunRecord]]:
@@ -483,6 +541,7 @@ def write_report(client, runs: list[RunRecord], out_dir: str, *, sources: dict[s
     builds = [r for r in finished if r.job == "build_knowledge" and r.recall("mask")]
     trials = [r for r in finished if r.job == "tune-trial"]
     galleries = [r for r in finished if r.job == "score_gallery"]
+    experiments = [r for r in finished if r.job == "experiment" and r.recall("mask")]
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or (
             os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "report.md")))):
@@ -497,7 +556,7 @@ def write_report(client, runs: list[RunRecord], out_dir: str, *, sources: dict[s
             overview(finished, skipped, dups, sources),
             loss_ablation(builds),
             ood_ablation(builds),
-            lambda_section(builds + trials, tmp),
+            lambda_section(builds + trials + experiments, tmp),
             m_section(trials, builds, tmp),
             alpha_section(trials, galleries, tmp),
             curves_section(client, everything, tmp),

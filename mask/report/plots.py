@@ -54,6 +54,20 @@ def heatmap(row_values: Sequence[float], col_values: Sequence[float], grid: np.n
     return _save(fig, path)
 
 
+def scatter_values(x: Sequence[float], y: Sequence[float], values: Sequence[float], path: str, *, xlabel: str,
+                   ylabel: str, title: str, label: str = "Rs") -> str:
+    """Points on two parameter axes coloured by a value (sampled sweeps: no grid to draw as a heatmap)."""
+    fig = _figure(6.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    sc = ax.scatter(np.asarray(x, float), np.asarray(y, float), c=np.asarray(values, float), cmap="viridis", s=60,
+                    edgecolors="black", linewidths=0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(sc, ax=ax, label=label)
+    return _save(fig, path)
+
+
 def recall_curves(x: Sequence[float], rows: Sequence[dict[str, float]], path: str, *, xlabel: str, title: str,
                   logx: bool = False) -> str:
     """R@K (six lines) and Rs (right axis) against a parameter."""
