@@ -174,3 +174,10 @@ def test_colour_block_of_real_pixels_names_the_colour():
         expect = colour_histogram(torch.from_numpy(lab[k])[None, :, None]).numpy()[0]
         assert float(col[k] @ expect) > 0.98, (k, lab[k])  # float16 features; same bins
     assert float(col[0] @ col[1]) < 0.05  # red and blue share no bin
+
+
+def test_demo_config_model_takes_this_backends_features():
+    from mask.config import load_config
+
+    cfg = load_config("demo")
+    assert cfg.detector.backend == "efficientnet_lite0" and cfg.model.feature_dim == FEATURE_DIM
