@@ -96,7 +96,9 @@ def _stop_leftovers(procs) -> list[str]:
             continue
     _, alive = psutil.wait_procs(procs, timeout=10)
     for p in alive:
-        p.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)  # SIGKILL is delivered asynchronously: wait until they are gone
     return left
 
 
@@ -150,7 +152,16 @@ def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path):
         # Ray processes the killed driver started: its agents outlive it (they report the raylet's unexpected
         # death to the already dead GCS, with Ray's 60 s timeout, before exiting); stop what is left
         _stop_leftovers(list(started.values()))
-    assert not [p for p in started.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not [p for p in started.values() if _alive(p)], "a Ray process of the test outlived SIGKILL"
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _run_job(args: list[str], started: dict) -> dict:
