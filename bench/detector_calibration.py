@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from mask.config import DetectorConfig
 from mask.features.extractor import FeatureOverflow, RegionExtractor, render_shape
+from mask.metrics import nearest_centroid_accuracy as accuracy
 
 COLOURS = [(220, 40, 40), (40, 160, 60), (40, 80, 220), (240, 200, 40)]
 SHAPES = ["rect", "ellipse", "triangle"]
@@ -42,19 +43,6 @@ def shape_images(n: int, seed: int, size: int):
         imgs.append(np.asarray(im))
         boxes.append(np.array(bs, np.float32))
     return imgs, boxes, np.array(labels)
-
-
-def accuracy(ftr, ytr, fte, yte) -> float:
-    mu = ftr.mean(0)
-
-    def unit(f):
-        f = f - mu
-        return f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-12)
-
-    a, b = unit(ftr), unit(fte)
-    classes = np.unique(ytr)
-    cents = np.stack([a[ytr == k].mean(0) for k in classes])
-    return float((classes[np.argmax(b @ cents.T, 1)] == yte).mean())
 
 
 def main(argv: list[str] | None = None) -> None:

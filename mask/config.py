@@ -142,8 +142,20 @@ class DatasetConfig(_Strict):
     # (VG image_data.json coco_id / flickr_id against the gallery's COCO / Flickr ids), so the knowledge
     # never sees the test gallery; counted as excluded_overlap in the dataset summary and MLflow.
     exclude_gallery_overlap: bool = False
+    # kind=demo, generated world only (path unset): which candidate caption synonyms the gallery captions use
+    # (mask.datasets.demo.generate_demo_world): "supported" (the default: only synonyms whose nearest VG-side
+    # word by cosine of the demo's word vectors is the intended one) or "all" (the unsupported ones too; the
+    # same images and caption positions). Each setting has its own world folder under raw/.
+    demo_synonyms: Literal["supported", "all"] = "supported"
 
     _name_is_safe = field_validator("name")(_safe_name)
+
+    @model_validator(mode="after")
+    def _demo_synonyms_need_the_generated_world(self):
+        if self.demo_synonyms != "supported" and (self.kind != "demo" or self.path is not None):
+            raise ValueError(f"demo_synonyms={self.demo_synonyms!r} applies to the generated demo world only "
+                             f"(kind 'demo' without a path), not kind={self.kind!r} path={self.path!r}")
+        return self
 
 
 class VocabularyConfig(_Strict):

@@ -174,3 +174,42 @@ def coco_5fold_1k(similarity: Any, captions_per_image: int = 5, *, t2i_similarit
         part2 = None if s2 is None else s2[f * n:(f + 1) * n, f * c:(f + 1) * c]
         results.append(recall_at_k(part, captions_per_image, t2i_similarity=part2))
     return {k: float(np.mean([r[k] for r in results])) for k in (*KEYS, "rsum")}
+
+
+def nearest_centroid_accuracy(train: Any, train_labels: Any, test: Any, test_labels: Any) -> float:
+    """How much of a label region features carry: nearest-centroid accuracy (a diagnostic of features, not Sec. 4.1).
+
+    Features are centred on the training mean and L2-normalised; each label's centroid is the mean of its
+    training rows; a test row gets the label of the centroid with the largest dot product.  Test labels absent
+    from the training labels count as errors.
+
+    Args:
+        train, test: ``(N, D)`` / ``(M, D)`` features.
+        train_labels, test_labels: ``(N,)`` / ``(M,)`` labels (any comparable type).
+
+    Returns:
+        The fraction of test rows labelled correctly (0.0 for an empty test set).
+
+    Raises:
+        MetricsError: shapes disagree, or the training set is empty.
+    """
+    a, b = np.asarray(train, np.float64), np.asarray(test, np.float64)
+    ya, yb = np.asarray(train_labels), np.asarray(test_labels)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise MetricsError(f"train / test features must be (N, D) / (M, D) with equal D, got {a.shape} / {b.shape}")
+    if len(ya) != len(a) or len(yb) != len(b):
+        raise MetricsError(f"labels ({len(ya)}, {len(yb)}) do not match the feature rows ({len(a)}, {len(b)})")
+    if not len(a):
+        raise MetricsError("nearest_centroid_accuracy needs at least one training row")
+    if not len(b):
+        return 0.0
+    mu = a.mean(0)
+
+    def unit(f: np.ndarray) -> np.ndarray:
+        f = f - mu
+        return f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-12)
+
+    a, b = unit(a), unit(b)
+    classes = np.unique(ya)
+    cents = np.stack([a[ya == k].mean(0) for k in classes])
+    return float((classes[np.argmax(b @ cents.T, 1)] == yb).mean())

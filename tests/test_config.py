@@ -74,3 +74,17 @@ def test_hash_stable_and_sensitive():
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
     assert "model.latent_dim" in MaskConfig().flat()
+
+
+def test_demo_synonyms_key_is_validated_and_recorded():
+    """The demo world's synonym set is a config key (validated, in the flattened MLflow params)."""
+    cfg = load_config("demo", overrides=["gallery.demo_synonyms=all"])
+    assert cfg.gallery.demo_synonyms == "all" and cfg.dataset.demo_synonyms == "supported"
+    assert cfg.flat()["gallery.demo_synonyms"] == "all"
+    assert load_config("demo").flat()["gallery.demo_synonyms"] == "supported"
+    with pytest.raises(ConfigError, match="demo_synonyms"):
+        load_config("demo", overrides=["gallery.demo_synonyms=some"])
+    with pytest.raises(ConfigError, match="generated demo world only"):
+        load_config("demo", overrides=["gallery.demo_synonyms=all", "gallery.path=/x"])
+    with pytest.raises(ConfigError, match="generated demo world only"):
+        load_config("demo", overrides=["gallery.kind=karpathy", "gallery.path=/x", "gallery.demo_synonyms=all"])

@@ -17,6 +17,7 @@ from mask.features.extractor import (
     spec_from_config,
     synthetic_scenes,
 )
+from mask.metrics import nearest_centroid_accuracy
 
 SMALL = dict(depth=14, min_size=112, max_size=224, pooler_resolution=4, rpn_post_nms_topk=60,
              calibration_images=2, device="cpu")
@@ -171,19 +172,6 @@ def shape_crops(n: int, seed: int, size: int = 128):
         imgs.append(np.asarray(im))
         boxes.append(np.array(bs, np.float32))
     return imgs, boxes, np.array(labels)
-
-
-def nearest_centroid_accuracy(ftr, ytr, fte, yte) -> float:
-    mu = ftr.mean(0)
-
-    def unit(f):
-        f = f - mu
-        return f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-12)
-
-    a, b = unit(ftr), unit(fte)
-    classes = np.unique(ytr)
-    cents = np.stack([a[ytr == k].mean(0) for k in classes])
-    return float((classes[np.argmax(b @ cents.T, 1)] == yte).mean())
 
 
 def test_calibrated_random_features_carry_colour_and_shape():

@@ -1,5 +1,6 @@
 """The demo's pretrained region extractor: every key of the package's weights matched, clear errors for missing /
-corrupt / mismatched weights (never a silent random fall back), RoIAlign features and segment proposals."""
+corrupt / mismatched weights (never a silent random fall back), RoIAlign features, the L*a*b* colour histogram
+and segment proposals."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from mask.config import DetectorConfig
 from mask.features import pretrained
 from mask.features.extractor import RegionExtractor
 from mask.features.pretrained import (
+    COLOUR_CENTRES,
+    COLOUR_DIM,
     FEATURE_DIM,
     PACKAGE,
     WEIGHTS_FILE,
     PretrainedWeightsError,
     build_lite0,
+    colour_histogram,
     load_lite0_weights,
     propose_boxes,
     weights_path,
@@ -99,7 +103,7 @@ def test_region_features_given_and_fixed():
     assert np.array_equal(again["features"], out["features"])
     # each block is L2-normalised: the three block norms are 1
     f = out["features"].astype(np.float32)
-    dims = [c for _, c, _ in pretrained.LEVELS] + [27]
+    dims = [c for _, c, _ in pretrained.LEVELS] + [COLOUR_DIM]
     norms = [np.linalg.norm(b, axis=1) for b in np.split(f, np.cumsum(dims)[:-1], axis=1)]
     assert np.allclose(norms, 1.0, atol=2e-3)
     fixed = RegionExtractor.from_config(DetectorConfig(mode="fixed", **SMALL))
@@ -127,3 +131,53 @@ def test_segment_proposals_cover_demo_objects():
 def test_weights_path_is_the_package_file():
     p = weights_path()
     assert p.name == WEIGHTS_FILE and p.is_file() and Path(p).stat().st_size > 10_000_000
+
+
+def _bin(lab: tuple[float, float, float]) -> int:
+    """Index of the bin whose centres are exactly ``lab`` (L*-major, then a*, then b*)."""
+    idx = [list(c).index(v) for c, v in zip(COLOUR_CENTRES, lab, strict=True)]
+    return (idx[0] * len(COLOUR_CENTRES[1]) + idx[1]) * len(COLOUR_CENTRES[2]) + idx[2]
+
+
+def test_colour_histogram_keeps_each_surface_as_its_own_mode():
+    assert FEATURE_DIM == sum(c for _, c, _ in pretrained.LEVELS) + COLOUR_DIM
+    assert COLOUR_DIM == np.prod([len(c) for c in COLOUR_CENTRES])
+    a, b = (50.0, 50.0, 25.0), (75.0, -25.0, -50.0)  # two colours on bin centres
+    region = torch.zeros(2, 3, 4, 4)
+    region[0] = torch.tensor(a)[:, None, None]  # one surface
+    region[1] = torch.tensor(a)[:, None, None]
+    region[1, :, :, :1] = torch.tensor(b)[:, None, None]  # a quarter of the region is another surface
+    h = colour_histogram(region).numpy()
+    assert h.shape == (2, COLOUR_DIM) and np.allclose(np.linalg.norm(h, axis=1), 1.0, atol=1e-6)
+    assert h[0, _bin(a)] == pytest.approx(1.0) and np.count_nonzero(h[0]) == 1
+    # both surfaces are kept at their own colours (a mean colour would be neither): sqrt of 3/4 and 1/4
+    assert h[1, _bin(a)] == pytest.approx(np.sqrt(0.75)) and h[1, _bin(b)] == pytest.approx(0.5)
+    assert np.count_nonzero(h[1]) == 2
+    # between two centres the weight is split linearly (trilinear soft assignment), beyond the grid it clamps
+    mid = torch.tensor([62.5, 50.0, 25.0])[None, :, None].expand(1, 3, 2)
+    hm = colour_histogram(mid).numpy()[0] ** 2
+    assert hm[_bin((50.0, 50.0, 25.0))] == pytest.approx(0.5) and hm[_bin((75.0, 50.0, 25.0))] == pytest.approx(0.5)
+    out = colour_histogram(torch.tensor([120.0, 130.0, -140.0])[None, :, None]).numpy()[0]
+    assert out[_bin((100.0, 100.0, -100.0))] == pytest.approx(1.0)
+
+
+def test_colour_block_of_real_pixels_names_the_colour():
+    """Pure sRGB colours land in the bins of their L*a*b* values; the block is the extractor's third block."""
+    img = np.zeros((64, 128, 3), np.uint8)
+    img[:, :64] = (208, 32, 36)  # the demo's red
+    img[:, 64:] = (36, 72, 206)  # the demo's blue
+    given = RegionExtractor.from_config(DetectorConfig(mode="given", **SMALL))
+    f = given([img], [np.array([[8, 8, 56, 56], [72, 8, 120, 56]], np.float32)])[0]["features"].astype(np.float32)
+    col = f[:, -COLOUR_DIM:]
+    lab = pretrained.rgb_to_lab(np.array([[[208, 32, 36], [36, 72, 206]]], np.uint8))[0]
+    for k in range(2):
+        expect = colour_histogram(torch.from_numpy(lab[k])[None, :, None]).numpy()[0]
+        assert float(col[k] @ expect) > 0.98, (k, lab[k])  # float16 features; same bins
+    assert float(col[0] @ col[1]) < 0.05  # red and blue share no bin
+
+
+def test_demo_config_model_takes_this_backends_features():
+    from mask.config import load_config
+
+    cfg = load_config("demo")
+    assert cfg.detector.backend == "efficientnet_lite0" and cfg.model.feature_dim == FEATURE_DIM

@@ -105,3 +105,28 @@ def test_errors():
         recall_at_k(np.zeros((2, 10)), t2i_similarity=np.zeros((2, 5)))
     with pytest.raises(MetricsError, match="expected an"):
         recall_at_k(np.zeros(10))
+
+
+def test_nearest_centroid_accuracy(rng):
+    from mask.metrics import nearest_centroid_accuracy
+
+    centres = rng.normal(size=(4, 16)) * 3
+    y_tr, y_te = rng.integers(4, size=200), rng.integers(4, size=100)
+    x_tr = centres[y_tr] + rng.normal(size=(200, 16))
+    x_te = centres[y_te] + rng.normal(size=(100, 16))
+    assert nearest_centroid_accuracy(x_tr, y_tr, x_te, y_te) > 0.95
+    # labels unrelated to the features: about chance (1/4)
+    assert nearest_centroid_accuracy(x_tr, rng.permutation(y_tr), x_te, y_te) < 0.5
+    # a naive loop over the test rows agrees (centred, unit rows, argmax of the dot product with the centroids)
+    mu = x_tr.mean(0)
+    u = lambda f: (f - mu) / np.linalg.norm(f - mu, axis=1, keepdims=True)  # noqa: E731
+    cents = {k: u(x_tr)[y_tr == k].mean(0) for k in range(4)}
+    naive = np.mean([max(cents, key=lambda k: float(u(x_te)[i] @ cents[k])) == y_te[i] for i in range(100)])
+    assert nearest_centroid_accuracy(x_tr, y_tr, x_te, y_te) == pytest.approx(naive)
+    # string labels; a test label never seen in training is an error of the classifier
+    names = np.array(["a", "b", "c", "d"])
+    assert nearest_centroid_accuracy(x_tr, names[y_tr], x_te, np.full(100, "z")) == 0.0
+    with pytest.raises(MetricsError, match="equal D"):
+        nearest_centroid_accuracy(x_tr, y_tr, x_te[:, :3], y_te)
+    with pytest.raises(MetricsError, match="labels"):
+        nearest_centroid_accuracy(x_tr, y_tr[:5], x_te, y_te)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -123,3 +124,25 @@ def test_extract_job_records_bad_images(tmp_path, ray_local):
     assert s2["features"]["done_before"] == 5
     assert store.read_table(rel).num_rows == 2
     json.dumps(s2, default=str)
+
+
+def test_demo_root_one_folder_per_world(tmp_path, monkeypatch):
+    """Seed and synonym set each have their own generated world: a rerun with other world parameters on the
+    same storage root never reads a world generated with different ones."""
+    from mask.config import load_config
+    from mask.pipeline import steps
+    from mask.pipeline.runtime import JobContext
+
+    calls = []
+
+    def fake_world(d, seed, synonyms):
+        calls.append((seed, synonyms))
+        os.makedirs(d, exist_ok=True)
+
+    monkeypatch.setattr(steps, "generate_demo_world", fake_world)
+    ctx = JobContext.from_config(load_config("demo", overrides=[f"storage.root={tmp_path}"]))
+    ctx1 = JobContext.from_config(load_config("demo", overrides=[f"storage.root={tmp_path}", "seed=1"]))
+    a, b, c = steps.demo_root(ctx), steps.demo_root(ctx, "all"), steps.demo_root(ctx1)
+    assert a.endswith("demo-world") and len({a, b, c}) == 3
+    assert steps.demo_root(ctx) == a  # generated once
+    assert calls == [(0, "supported"), (0, "all"), (1, "supported")]

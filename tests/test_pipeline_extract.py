@@ -200,6 +200,20 @@ def test_execution_settings_keep_the_artifact_name(field, value):
     assert extractor_name(base.model_copy(update={"num_boxes": 10})) != extractor_name(base)
 
 
+def test_pretrained_feature_version_is_part_of_the_artifact_name(monkeypatch):
+    """A changed feature definition of the demo backend never reuses (or appends to) older features."""
+    from mask.config import DetectorConfig
+    from mask.features import pretrained
+    from mask.pipeline.identity import extractor_name
+
+    det = DetectorConfig(backend="efficientnet_lite0", min_size=512, max_size=512)
+    butd = DetectorConfig()
+    before, before_butd = extractor_name(det), extractor_name(butd)
+    monkeypatch.setattr(pretrained, "FEATURES_VERSION", pretrained.FEATURES_VERSION + 1)
+    assert extractor_name(det) != before
+    assert extractor_name(butd) == before_butd  # the BUTD path's names do not move
+
+
 def test_list_columns_match_pyarrow_conversion():
     """The flat-buffer list builder gives exactly what pyarrow's element-wise conversion gives."""
     import numpy as np

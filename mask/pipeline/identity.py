@@ -37,7 +37,12 @@ MU_DIR = "_mu"
 def extractor_name(det: DetectorConfig) -> str:
     """Folder name of a detector configuration: readable prefix + hash of every field that shapes the
     features (not :data:`EXECUTION_FIELDS`, so a rerun with another batch size or actor count resumes)."""
-    h = fingerprint({**det.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)), "layout": FEATURES_LAYOUT})[:10]
+    spec = {**det.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)), "layout": FEATURES_LAYOUT}
+    if det.backend == "efficientnet_lite0":  # its feature definition has a version (a new one is new features)
+        from mask.features.pretrained import FEATURES_VERSION
+
+        spec["features_version"] = FEATURES_VERSION
+    h = fingerprint(spec)[:10]
     return f"{det.backend}-r{det.depth}-{det.mode}-{h}"
 
 

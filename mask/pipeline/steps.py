@@ -62,19 +62,24 @@ def require_gallery(cfg: MaskConfig, error: type[ValueError] = GalleryError) -> 
     return cfg.gallery
 
 
-def demo_root(ctx: JobContext) -> str:
-    """Where the demo world lives: generated once under the storage root (``raw/demo-world``)."""
-    root = ctx.store.uri("raw", "demo-world")
+def demo_root(ctx: JobContext, synonyms: str = "supported") -> str:
+    """Where the demo world lives: generated once under the storage root, one folder per world (``raw/demo-world``
+    for the default seed 0 and supported synonyms; ``raw/demo-world-seed<N>`` for another ``seed``,
+    ``…-synonyms-all`` for ``dataset.demo_synonyms: all``), so a rerun with other world parameters on the same
+    root never reads a world generated with different ones."""
+    name = "demo-world" + (f"-seed{ctx.cfg.seed}" if ctx.cfg.seed != 0 else "") + \
+        (f"-synonyms-{synonyms}" if synonyms != "supported" else "")
+    root = ctx.store.uri("raw", name)
     if ctx.store.root.startswith("s3://"):
-        if not ctx.store.exists("raw", "demo-world", "_DONE"):
+        if not ctx.store.exists("raw", name, "_DONE"):
             with tempfile.TemporaryDirectory() as d:
-                generate_demo_world(d, seed=ctx.cfg.seed)
-                ctx.store.fs.put(d.rstrip("/") + "/", ctx.store.path("raw", "demo-world"), recursive=True)
-            ctx.store.write_bytes("raw/demo-world/_DONE", b"ok")
+                generate_demo_world(d, seed=ctx.cfg.seed, synonyms=synonyms)
+                ctx.store.fs.put(d.rstrip("/") + "/", ctx.store.path("raw", name), recursive=True)
+            ctx.store.write_bytes(f"raw/{name}/_DONE", b"ok")
         return root
-    local = ctx.store.path("raw", "demo-world")
+    local = ctx.store.path("raw", name)
     if not os.path.exists(os.path.join(local, "_DONE")):
-        generate_demo_world(local, seed=ctx.cfg.seed)
+        generate_demo_world(local, seed=ctx.cfg.seed, synonyms=synonyms)
         with open(os.path.join(local, "_DONE"), "w") as f:
             f.write("ok")
     return local
@@ -83,12 +88,12 @@ def demo_root(ctx: JobContext) -> str:
 def ensure_dataset(ctx: JobContext, dcfg, run_id: str | None, skip: tuple[str, ...] = ()) -> dict[str, pa.Table]:
     """Ingest a dataset (reusing a committed one) and return its tables (except those in ``skip``:
     the training reads ``regions`` part by part where it needs them, never whole in the driver)."""
-    droot = demo_root(ctx) if dcfg.kind == "demo" and dcfg.path is None else None
+    droot = demo_root(ctx, dcfg.demo_synonyms) if dcfg.kind == "demo" and dcfg.path is None else None
     exclude = None
     gal = ctx.cfg.gallery
     if dcfg.exclude_gallery_overlap and dcfg.kind in ("vg", "demo") and gal is not None and dcfg is ctx.cfg.dataset:
         # leakage guard: VG images that are images of the evaluation gallery never enter the knowledge
-        groot = demo_root(ctx) if gal.kind == "demo" and gal.path is None else None
+        groot = demo_root(ctx, gal.demo_synonyms) if gal.kind == "demo" and gal.path is None else None
         exclude = gallery_source_ids(gal, ctx.cfg.storage.options, groot)
     summary = ingest_dataset(ctx.store, dcfg, ctx.cfg.storage.options, droot, mlflow_run_id=run_id, exclude=exclude)
     if exclude is not None:
