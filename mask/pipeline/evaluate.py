@@ -18,10 +18,9 @@ import pyarrow as pa
 from mask.config import MaskConfig
 from mask.evaluation import evaluate, format_table, markdown_table
 from mask.metrics import coco_5fold_1k, coco_5k, recall_at_k
-from mask.pipeline.identity import gallery_content, index_root, index_version
 from mask.pipeline.index import (
     DENSE_FILE,
-    build_index,
+    ensure_index,
     find_index,
     has_file,
     index_dense,
@@ -85,21 +84,13 @@ def evaluate_gallery(ctx: JobContext, knowledge: ResolvedKnowledge, det_weights:
 
 def _committed_index(ctx: JobContext, knowledge: ResolvedKnowledge, gallery: dict[str, Any],
                      det_weights: str | None, run) -> dict[str, Any]:
-    """The gallery's index for this knowledge: reused when committed, else built and committed."""
-    cfg, store = ctx.cfg, ctx.store
-    version = index_version(cfg, knowledge, gallery["summary"]["config_hash"],
-                            gallery_content(cfg, gallery["images"].column("uri").to_pylist()))
-    rel = f"{index_root(cfg.gallery.name)}/{version}"
-    if store.committed(rel, version) is not None:
-        logger.info("index %s is committed; reused", store.uri(rel))
-        metrics, features, reused = read_index_file(store, rel, "metrics.json"), {"reused_index": True}, True
-    else:
-        built = build_index(ctx, run, knowledge, gallery, version, det_weights)
-        metrics, features, reused = built.metrics, built.features, False
-    run.log_params({"index.version": version})
-    run.log_metrics({f"index.mask.{k}": float(v) for k, v in metrics["mask"].items()})
-    return {"rel": rel, "uri": store.uri(rel), "version": version, "reused": reused, "metrics": metrics["mask"],
-            "features": features}
+    """The gallery's index for this knowledge (:func:`mask.pipeline.index.ensure_index`), logged to the run."""
+    index = ensure_index(ctx, run, knowledge, gallery, lambda: det_weights)
+    run.log_params({"index.version": index.version})
+    run.log_metrics({f"index.mask.{k}": float(v) for k, v in index.metrics["mask"].items()})
+    return {"rel": index.rel, "uri": ctx.store.uri(index.rel), "version": index.version, "reused": index.reused,
+            "metrics": index.metrics["mask"],
+            "features": index.build.features if index.build else {"reused_index": True}}
 
 
 PROTOCOLS = ("all", "flickr30k-1k", "coco-5k", "coco-5fold-1k")

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,16 @@ from mask.evaluation import map_captions, padded_mu
 from mask.faults import kill_point
 from mask.metrics import KEYS, recall_at_k
 from mask.pipeline.extract import run_extraction
-from mask.pipeline.identity import INDEX_LAYOUT, extractor_name, features_rel, index_root, mu_rel, score_hash
+from mask.pipeline.identity import (
+    INDEX_LAYOUT,
+    extractor_name,
+    features_rel,
+    gallery_content,
+    index_root,
+    index_version,
+    mu_rel,
+    score_hash,
+)
 from mask.pipeline.represent import MuStage, image_representations, mu_table
 from mask.pipeline.resources import ensure_gpus
 from mask.pipeline.runtime import JobContext
@@ -588,6 +598,41 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
     timings["write"] = time.perf_counter() - t0
     return IndexBuild(rel=rel, version=version, metrics=metrics, info=info, dense=res.dense, reuse=reuse,
                       features=fsum)
+
+
+@dataclass
+class GalleryIndex:
+    """The committed index of a gallery for a knowledge (:func:`ensure_index`)."""
+
+    rel: str
+    version: str
+    metrics: dict[str, Any]
+    reused: bool
+    build: IndexBuild | None  # None when reused
+
+
+def ensure_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], detector: Callable[[], str | None],
+                 keep_dense: bool = False) -> GalleryIndex:
+    """The gallery's index for this knowledge and scoring config: the committed version, or built from
+    scratch by :func:`build_index` and committed (the main job's evaluation and ``score_gallery``).
+
+    Args:
+        ctx: job context (config, store).
+        run: the MLflow run (or NullRun).
+        knowledge: a :class:`mask.pipeline.steps.ResolvedKnowledge`.
+        gallery: :func:`mask.pipeline.steps.ensure_dataset` tables of the gallery.
+        detector: returns the committed detector weights for feature extraction; called only to build.
+        keep_dense: return the dense matrix of a build even when it is too large to store.
+    """
+    cfg, store = ctx.cfg, ctx.store
+    version = index_version(cfg, knowledge, gallery["summary"]["config_hash"],
+                            gallery_content(cfg, gallery["images"].column("uri").to_pylist()))
+    rel = f"{index_root(cfg.gallery.name)}/{version}"
+    if store.committed(rel, version) is not None:
+        logger.info("index %s is committed; reused", store.uri(rel))
+        return GalleryIndex(rel, version, read_index_file(store, rel, "metrics.json"), True, None)
+    built = build_index(ctx, run, knowledge, gallery, version, detector(), live=None, keep_dense=keep_dense)
+    return GalleryIndex(rel, version, built.metrics, False, built)
 
 
 def _topk_tables(order, res) -> tuple[pa.Table, pa.Table]:

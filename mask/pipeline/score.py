@@ -8,8 +8,8 @@
 4. the vocabulary-factorised eq. 10 scorer (:class:`mask.scoring.GalleryScorer`) streamed over
    chunks of ``scoring.image_chunk`` images, so memory is bounded by a chunk (plus the dense matrix
    when it is kept);
-5. the index ``indexes/<gallery>/<version>/`` (:func:`mask.pipeline.index.build_index`): the gallery
-   order (``images.parquet`` / ``captions.parquet``), top-k lists, per-word scores, ``index.json``
+5. the index ``indexes/<gallery>/<version>/`` (:func:`mask.pipeline.index.ensure_index`: the committed
+   version, or one built by :func:`~mask.pipeline.index.build_index`, as the main job does): the gallery order (``images.parquet`` / ``captions.parquet``), top-k lists, per-word scores, ``index.json``
    and ``metrics.json``; μ per image in the gallery's shared μ artifact;
 6. with ``rerank.base_scores``: eq. 15 in both directions against the base model's scores
    (:func:`mask.pipeline.rerank.rerank_index`), with metrics before and after (Table 2 layout).
@@ -30,8 +30,7 @@ from typing import Any
 
 from mask.config import MaskConfig
 from mask.evaluation import markdown_table
-from mask.pipeline.identity import gallery_content, index_root, index_version
-from mask.pipeline.index import build_index, read_index_file
+from mask.pipeline.index import ensure_index
 from mask.pipeline.rerank import rerank_index
 from mask.pipeline.runtime import JobContext, job_run
 from mask.pipeline.steps import ensure_dataset, gallery_detector, require_gallery, resolve_and_load_knowledge
@@ -70,27 +69,20 @@ def score_gallery(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str
         t0 = time.perf_counter()
         gal = ensure_dataset(ctx, cfg.gallery, run.run_id)
         dataset_hash = gal["summary"]["config_hash"]
-        version = index_version(cfg, knowledge, dataset_hash, gallery_content(cfg, gal["images"].column("uri").to_pylist()))
-        rel = f"{index_root(cfg.gallery.name)}/{version}"
+        t_dataset = time.perf_counter() - t0
         run.log_params({"knowledge.uri": knowledge.uri, "knowledge.resolved_version": knowledge.version,
-                        "index.version": version, "gallery.dataset_hash": dataset_hash})
+                        "gallery.dataset_hash": dataset_hash})
+        index = ensure_index(ctx, run, knowledge, gal, lambda: gallery_detector(ctx, run),
+                             keep_dense=bool(cfg.rerank.base_scores))
+        rel, version, metrics = index.rel, index.version, index.metrics
+        run.log_params({"index.version": version})
         summary: dict[str, Any] = {"knowledge": {"uri": knowledge.uri, "version": knowledge.version},
-                                   "index": {"uri": store.uri(rel), "version": version}}
-        manifest = store.committed(rel, version)
+                                   "index": {"uri": store.uri(rel), "version": version, "reused": index.reused}}
         dense = None
-        if manifest is not None:
-            logger.info("index %s is committed; reused", store.uri(rel))
-            metrics = read_index_file(store, rel, "metrics.json")
-            summary["index"]["reused"] = True
-        else:
-            t_dataset = time.perf_counter() - t0
-            det = gallery_detector(ctx, run)
-            built = build_index(ctx, run, knowledge, gal, version, det, live=None,
-                                keep_dense=bool(cfg.rerank.base_scores))
-            metrics, dense = built.metrics, built.dense
+        if index.build is not None:
+            dense = index.build.dense
             metrics["timings"] = {"dataset": t_dataset, **metrics["timings"]}
-            summary["index"]["reused"] = False
-            summary["features"] = built.features
+            summary["features"] = index.build.features
         summary["metrics"] = metrics["mask"]
         summary["coverage"] = metrics["coverage"]
         summary["timings"] = metrics["timings"]
