@@ -841,6 +841,86 @@ def _params(seed: int, n_train: int, n_gallery: int, image_size: int, synonyms: 
             "image_size": image_size, "synonyms": synonyms}
 
 
+def _vg_annotations(scene: list[DemoObject], scenery: list[Scenery], rng: np.random.Generator,
+                    object_id: int) -> tuple[list[dict], list[dict], int]:
+    """The VG ``objects`` and ``attributes`` entries of one training image — its objects, then their parts and
+    the scenery — numbered from ``object_id``; returns them and the next free id."""
+    objs, attrs = [], []
+    for o in scene:
+        x1, y1, x2, y2 = o.box
+        base = {"object_id": object_id, "x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1,
+                "names": [o.name], "synsets": [f"{o.name}.n.01"]}
+        objs.append({**base, "merged_object_ids": []})
+        # Annotators list salient attributes: colour always, size and texture most of the time.
+        a = [o.colour] + [w for w in (o.size, o.texture) if rng.random() < 0.85]
+        attrs.append({**base, "attributes": a})
+        object_id += 1
+    for name, colour, (x1, y1, x2, y2) in ([(p, None, b) for o in scene for p, b in part_boxes(o)]
+                                           + [(sc.name, sc.colour, sc.box) for sc in scenery]):
+        base = {"object_id": object_id, "x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1,
+                "names": [name], "synsets": [f"{name}.n.01"]}
+        objs.append({**base, "merged_object_ids": []})
+        attrs.append({**base, "attributes": [colour] if colour else []})
+        object_id += 1
+    return objs, attrs, object_id
+
+
+def _write_vg_part(world: DemoWorld) -> None:
+    """The training split as Visual Genome: one image per scene (``default_rng([seed, 0, i])``), then
+    ``image_data.json``, ``objects.json`` and ``attributes.json``."""
+    seed, image_size = world.seed, world.image_size
+    image_data, objects_json, attributes_json = [], [], []
+    object_id = 1
+    for i in range(world.n_train):
+        rng = np.random.default_rng([seed, 0, i])
+        scene = sample_scene(rng, image_size)
+        image_id = i + 1
+        img, scenery = render_scene(rng, scene, image_size)
+        (world.vg_images / f"{image_id}.jpg").write_bytes(_jpeg(img))
+        image_data.append({"width": image_size, "url": f"images/{image_id}.jpg", "height": image_size,
+                           "image_id": image_id, "coco_id": None, "flickr_id": None})
+        objs, attrs, object_id = _vg_annotations(scene, scenery, rng, object_id)
+        objects_json.append({"image_id": image_id, "objects": objs})
+        attributes_json.append({"image_id": image_id, "attributes": attrs})
+    _dump(world.vg_dir / "image_data.json", image_data)
+    _dump(world.vg_dir / "objects.json", objects_json)
+    _dump(world.vg_dir / "attributes.json", attributes_json)
+
+
+def _write_gallery_part(world: DemoWorld, used: dict[str, tuple[str, ...]]) -> dict[str, int]:
+    """The gallery as a Karpathy split file: one image per scene (``default_rng([seed, 1, i])``) with 5
+    captions using the synonyms ``used``; returns the caption word counts (``words``, ``replaced``)."""
+    seed, image_size = world.seed, world.image_size
+    counts = {"words": 0, "replaced": 0}
+    records, sentid = [], 0
+    for i in range(world.n_gallery):
+        rng = np.random.default_rng([seed, 1, i])
+        scene = sample_scene(rng, image_size)
+        filename = f"demo_{i:05d}.jpg"
+        img, scenery = render_scene(rng, scene, image_size)
+        (world.karpathy_root / "images" / filename).write_bytes(_jpeg(img))
+        caps = make_captions(scene, rng, 5, counts, used, scenery)
+        sents = [{"tokens": _tokens(c), "raw": c, "imgid": i, "sentid": sentid + k} for k, c in enumerate(caps)]
+        records.append({"filepath": "images", "sentids": [s["sentid"] for s in sents], "filename": filename,
+                        "imgid": i, "split": "test", "sentences": sents})
+        sentid += len(sents)
+    _dump(world.karpathy_json, {"images": records, "dataset": "demo"})
+    return counts
+
+
+def _write_marker(marker: Path, params: dict[str, Any], counts: dict[str, int],
+                  used: dict[str, tuple[str, ...]], support: dict[str, dict[str, Any]]) -> None:
+    """``demo_world.json``, written last: the parameters, the synonym rate and each synonym's support."""
+    n_sup = sum(r["supported"] for r in support.values())
+    _dump(marker, {"params": params, "synonym_rate": round(counts["replaced"] / max(1, counts["words"]), 4),
+                   "vg_words": list(vg_words()), "synonyms": {k: list(v) for k, v in used.items()},
+                   "synonym_support": {"rule": "supported = the nearest VG-side word by cosine of the GloVe 6B "
+                                                "50d vectors is the intended word; margin = cos(intended) - "
+                                                "max cos(any other VG-side word)",
+                                       "supported": n_sup, "unsupported": len(support) - n_sup,
+                                       "synonyms": support}})
+
+
 def generate_demo_world(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 240, n_gallery: int = 100,
                         image_size: int = 256, overwrite: bool = False, synonyms: str = "supported",
                         vectors: dict[str, np.ndarray] | None = None) -> DemoWorld:
@@ -886,62 +966,9 @@ def generate_demo_world(out_dir: str | os.PathLike, seed: int = 0, n_train: int 
     used = chosen_synonyms(support, synonyms)
     world.vg_images.mkdir(parents=True, exist_ok=True)
     (world.karpathy_root / "images").mkdir(parents=True, exist_ok=True)
-
-    image_data, objects_json, attributes_json = [], [], []
-    object_id = 1
-    for i in range(n_train):
-        rng = np.random.default_rng([seed, 0, i])
-        scene = sample_scene(rng, image_size)
-        image_id = i + 1
-        img, scenery = render_scene(rng, scene, image_size)
-        (world.vg_images / f"{image_id}.jpg").write_bytes(_jpeg(img))
-        image_data.append({"width": image_size, "url": f"images/{image_id}.jpg", "height": image_size,
-                           "image_id": image_id, "coco_id": None, "flickr_id": None})
-        objs, attrs = [], []
-        for o in scene:
-            x1, y1, x2, y2 = o.box
-            base = {"object_id": object_id, "x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1,
-                    "names": [o.name], "synsets": [f"{o.name}.n.01"]}
-            objs.append({**base, "merged_object_ids": []})
-            # Annotators list salient attributes: colour always, size and texture most of the time.
-            a = [o.colour] + [w for w in (o.size, o.texture) if rng.random() < 0.85]
-            attrs.append({**base, "attributes": a})
-            object_id += 1
-        for name, colour, (x1, y1, x2, y2) in ([(p, None, b) for o in scene for p, b in part_boxes(o)]
-                                               + [(sc.name, sc.colour, sc.box) for sc in scenery]):
-            base = {"object_id": object_id, "x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1,
-                    "names": [name], "synsets": [f"{name}.n.01"]}
-            objs.append({**base, "merged_object_ids": []})
-            attrs.append({**base, "attributes": [colour] if colour else []})
-            object_id += 1
-        objects_json.append({"image_id": image_id, "objects": objs})
-        attributes_json.append({"image_id": image_id, "attributes": attrs})
-    _dump(world.vg_dir / "image_data.json", image_data)
-    _dump(world.vg_dir / "objects.json", objects_json)
-    _dump(world.vg_dir / "attributes.json", attributes_json)
-
-    counts = {"words": 0, "replaced": 0}
-    records, sentid = [], 0
-    for i in range(n_gallery):
-        rng = np.random.default_rng([seed, 1, i])
-        scene = sample_scene(rng, image_size)
-        filename = f"demo_{i:05d}.jpg"
-        img, scenery = render_scene(rng, scene, image_size)
-        (world.karpathy_root / "images" / filename).write_bytes(_jpeg(img))
-        caps = make_captions(scene, rng, 5, counts, used, scenery)
-        sents = [{"tokens": _tokens(c), "raw": c, "imgid": i, "sentid": sentid + k} for k, c in enumerate(caps)]
-        records.append({"filepath": "images", "sentids": [s["sentid"] for s in sents], "filename": filename,
-                        "imgid": i, "split": "test", "sentences": sents})
-        sentid += len(sents)
-    _dump(world.karpathy_json, {"images": records, "dataset": "demo"})
-    n_sup = sum(r["supported"] for r in support.values())
-    _dump(marker, {"params": params, "synonym_rate": round(counts["replaced"] / max(1, counts["words"]), 4),
-                   "vg_words": list(vg_words()), "synonyms": {k: list(v) for k, v in used.items()},
-                   "synonym_support": {"rule": "supported = the nearest VG-side word by cosine of the GloVe 6B "
-                                                "50d vectors is the intended word; margin = cos(intended) - "
-                                                "max cos(any other VG-side word)",
-                                       "supported": n_sup, "unsupported": len(support) - n_sup,
-                                       "synonyms": support}})
+    _write_vg_part(world)
+    counts = _write_gallery_part(world, used)
+    _write_marker(marker, params, counts, used, support)
     logger.info("demo world: %d training + %d gallery images at %s (%.0f%% caption words replaced)",
                 n_train, n_gallery, root, 100 * counts["replaced"] / max(1, counts["words"]))
     return world
