@@ -1,7 +1,8 @@
 """Do the demo's region features know objects, and do its boxes find them?  Old vs new extractor, side by side.
 
-Plain script (not a test): ``python bench/demo_features.py [--train 240] [--gallery 100] [--root DIR] [--skip-old]``
-(``--skip-old``: the new extractor only, for iteration; the README's numbers come from a run with both).
+Plain script (not a test): ``python bench/demo_features.py [--train 240] [--gallery 100] [--root DIR] [--skip-old] [--crops N ...]``
+(``--skip-old``: the new extractor only, for iteration; the README's numbers come from a run with both;
+``--crops 128 224``: also the alternative of one trunk pass per box crop, at those sizes).
 One demo world (default parameters, seed 0; generated under ``--root`` or a temporary folder) is read by
 both extractors in one run:
 
@@ -103,6 +104,47 @@ def box_hits(fixed: RegionExtractor, gal_imgs: list[np.ndarray], gal_gt: list[np
     return hits, total
 
 
+def crop_head_features(model: torch.nn.Module, train_imgs: list[np.ndarray], train_boxes: list[np.ndarray],
+                       size: int, margin: float = 0.1) -> tuple[np.ndarray, float]:
+    """The alternative the demo did not take: each box cropped (``margin`` of its size added on every side),
+    resized to ``size`` px (RoIAlign of the 256 px image), run through the whole EfficientNet-Lite0 trunk
+    alone, the 1280-d head average-pooled — one trunk pass per region instead of one per image.
+
+    Returns:
+        ``(K, 1280)`` features of every region, and the seconds they took.
+    """
+    t0 = time.perf_counter()
+    out = []
+    for im, b in zip(train_imgs, train_boxes, strict=True):
+        x = torch.from_numpy(im.transpose(2, 0, 1).copy()).float()[None]
+        bb = torch.from_numpy(b).clone()
+        wh = torch.cat([bb[:, 2:] - bb[:, :2]] * 2, dim=1) * torch.tensor([-margin, -margin, margin, margin])
+        crops = roi_align(x, [bb + wh], output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        with torch.inference_mode():
+            out.append(model.forward_head(model.forward_features((crops - 127.0) / 128.0), pre_logits=True))
+    return torch.cat(out).numpy(), time.perf_counter() - t0
+
+
+def print_crop_rows(feats: np.ndarray, train_imgs: list[np.ndarray], train_boxes: list[np.ndarray], cls: np.ndarray,
+                    col: np.ndarray, tr: np.ndarray, sizes: list[int]) -> None:
+    """Class / colour accuracy of crop features at each size, alone and with the demo's colour histogram
+    (cut from ``feats``, the new extractor's features of the same regions), and their cost."""
+    from mask.features.pretrained import build_lite0, load_lite0_weights, weights_path
+
+    model = build_lite0()
+    load_lite0_weights(model, weights_path())
+    model.eval()
+    hist = feats[:, -COLOUR_DIM:]
+    print("alternative: one trunk pass per box crop (head pooled), alone and + the colour histogram:")
+    for size in sizes:
+        f, secs = crop_head_features(model, train_imgs, train_boxes, size)
+        both = np.concatenate([f / np.linalg.norm(f, axis=1, keepdims=True), hist], axis=1)
+        print(f"  crops {size:3d} px ({secs:5.1f} s for {len(f)} regions): head alone "
+              f"{accuracy(f[tr], cls[tr], f[~tr], cls[~tr]):.3f} / {accuracy(f[tr], col[tr], f[~tr], col[~tr]):.3f}; "
+              f"+ histogram {accuracy(both[tr], cls[tr], both[~tr], cls[~tr]):.3f} / "
+              f"{accuracy(both[tr], col[tr], both[~tr], col[~tr]):.3f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=240, help="VG-part images (ground-truth regions)")
@@ -110,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", default=None, help="demo world folder (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-old", action="store_true", help="measure the new extractor only (iteration)")
+    ap.add_argument("--crops", type=int, nargs="*", default=[],
+                    help="also measure per-box crop features at these sizes (px), e.g. --crops 128 224")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tmp = None
@@ -137,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         acc_k = accuracy(feats[tr], col[tr], feats[~tr], col[~tr])
         if kw is NEW:  # each block alone, and the previous colour block in place of the histogram
             blocks = block_accuracies(feats, train_imgs, train_boxes, cls, col, tr)
+            if args.crops:
+                print_crop_rows(feats, train_imgs, train_boxes, cls, col, tr, args.crops)
         t0 = time.perf_counter()
         if kw is OLD:  # the same calibrated weights, boxes from its RPN
             fixed = RegionExtractor(given.model, mode="fixed", num_boxes=36, min_size=kw["min_size"],

@@ -44,7 +44,8 @@ def _run(rs: float, seed: int, *, full: bool, ood_gain: float = 20.0) -> dict:
 
 def _results() -> dict:
     out = {"default": {s: _run(200, s, full=True) for s in range(3)}}
-    for name, rs in (("without_L_cm", 150), ("without_L_cl", 120), ("without_KL", 199), ("ir_reduction_mean", 220)):
+    for name, rs in (("without_L_cm", 150), ("without_L_cl", 120), ("without_KL", 199), ("ir_reduction_mean", 220),
+                     ("cl_raw_dot", 170), ("cl_same_word_negatives", 200)):
         out[name] = {s: _run(rs, s, full=False) for s in range(3)}
     for l1 in (1.0, 3.0):
         for l2 in (1.0, 3.0):
@@ -95,7 +96,11 @@ def test_sections_quote_the_paper_and_say_the_demo_direction(tmp_path):
     h = next(s for s in sections if s.startswith("Appendix H"))
     assert "with − without +1.0 (within the spread)" in h and "7.00 ± 0.00 → 6.00 ± 0.00" in h
     assert "here the change is within the spread" in h
-    assert "Appendix H" not in next(s for s in sections if s.startswith("Literal choices"))
+    lit = next(s for s in sections if s.startswith("Literal choices"))
+    assert "Appendix H" not in lit
+    # eq. 6's literal forms, each retrained alone: a difference beyond the spread is starred, one within is not
+    assert re.search(r"loss.cl_normalize=false alone .*\| 170\.\d ± [0-9.]+ \* \|", lit), lit
+    assert re.search(r"loss.cl_exclude_same_word=false alone .*\| 200\.\d ± [0-9.]+ \|", lit), lit
     for f in ("lambda_heatmap", "m_curve", "alpha_curve", "heldout_curve", "lcm_trend"):
         assert (tmp_path / f"{f}.png").stat().st_size > 1000, f
     assert "![L_cm trend](lcm_trend.png)" in md

@@ -10,7 +10,8 @@ Parts (each prints and logs its time):
   :func:`mask.pipeline.tune_trial.train_epoch`), the knowledge of eq. 2, μ of the gallery, and the
   evaluations that need no retraining (normalisation, OOD on/off, m grid, α grid, caption mode, OOD
   weighting, Appendix H fine-tuning, modality-gap measures).  Settings: the default; Table 3's ablations
-  (without L_cm, L_cl, KL); the other ``loss.ir_reduction``; the paper-literal losses; a fixed λ1 × λ2 grid
+  (without L_cm, L_cl, KL); the other ``loss.ir_reduction``; the paper-literal losses, and eq. 6's two literal
+  forms each alone; a fixed λ1 × λ2 grid
   (Tables 4/15).  A (setting, seed) result is committed under ``experiments/<name>/runs/`` and reused.
 * ``heldout`` — the held-out-word OOD test: a seeded share of the knowledge words is hidden, their
   prototypes are rebuilt from the others with eq. 11–13 at each m (dot weighting, and our cosine
@@ -109,6 +110,9 @@ def training_settings(cfg: MaskConfig, plan: Plan) -> dict[str, dict[str, Any]]:
         "without_L_cm": {"loss.lambda_cm": 0.0},
         "without_KL": {"loss.kl_weight": 0.0},
         "paper_literal_losses": {k: v for k, v in PAPER_LITERAL.items() if k.startswith("loss.")},
+        # eq. 6's two literal forms, each alone (the paper-literal setting changes them together)
+        "cl_raw_dot": {"loss.cl_normalize": False},
+        "cl_same_word_negatives": {"loss.cl_exclude_same_word": False},
     }
     for l1 in plan.lambda_grid:
         for l2 in plan.lambda_grid:

@@ -443,6 +443,12 @@ def _literal_section(c: _Report) -> list[str]:
         row("text.mode=tokens, without OOD words", "text_tokens_without_ood")
         other = "cosine" if cfg.knowledge.ood_weighting == "dot" else "dot"
         row(f"knowledge.ood_weighting={other}", f"ood_weighting_{other}")
+    for name, label in (("cl_raw_dot", "loss.cl_normalize=false alone (raw-dot L_cl of eq. 6)"),
+                        ("cl_same_word_negatives", "loss.cl_exclude_same_word=false alone (eq. 6: every other "
+                                                   "sample a negative)")):
+        if name in results:
+            v = collect(results[name], f"mask.{norm_key}/rsum")
+            rows.append([label + " — retrained", gal, proto, str(epochs), fmt(v) + (" *" if exceeds(v, ref) else "")])
     if "paper_literal_losses" in results:
         v = collect(results["paper_literal_losses"], "mask.dot/rsum")
         rows.append(["paper-literal losses (raw-dot L_cl, same-word negatives) + raw-dot eq. 10", gal, proto,
