@@ -63,6 +63,18 @@ def test_report_tables_state_gallery_protocol_epochs_and_spread(ran):
     assert 0 < d["history_last"]["share_rec"] < 1
 
 
+def test_jobs_report_reads_the_experiment_runs_for_loss_and_ood_ablations(ran):
+    """jobs/report.py on the experiment runs (the job's last part) fills Table 3's loss-ablation and OOD
+    sections from them, one row per seed, under a line naming the gallery/split, protocol and epochs."""
+    _, out, _, _ = ran
+    md = (out / "mlflow-report" / "report.md").read_text()
+    loss = md.split("## Loss ablation")[1].split("\n## ")[0]
+    assert "_Omitted" not in loss and "protocol: experiment: MASK (mask.*) · epochs: 1" in loss
+    assert "| MASK w/o L_cl (seed 0) |" in loss and "| MASK w/o L_cl (seed 1) |" in loss
+    ood = md.split("## OOD words on/off")[1].split("\n## ")[0]
+    assert "_Omitted" not in ood and "| MASK w/o OOD words (seed 0) |" in ood
+
+
 def test_heldout_test_recovers_prototypes_that_follow_the_word_vectors():
     """A knowledge whose prototypes are a linear map of the word vectors: Procrustes recovers hidden words
     nearly exactly and top-m beats the mean-of-known baseline (the test measures what it claims)."""

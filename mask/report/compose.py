@@ -3,9 +3,11 @@
 Each section is built only from runs that can fill it; otherwise it is one line saying which runs
 would (never a number that was not logged).  Sections:
 
-1. loss ablation (Table 3): ``build_knowledge`` runs with λ1 = 0 (w/o L_cm), λ2 = 0 (w/o L_cl) or
-   ``loss.kl_weight`` = 0, next to the full-loss run whose other params match best;
-2. OOD words on/off (Table 3) and the scoring ablations the main job logs;
+1. loss ablation (Table 3): ``build_knowledge`` and ``experiment`` runs with λ1 = 0 (w/o L_cm), λ2 = 0
+   (w/o L_cl) or ``loss.kl_weight`` = 0, next to the full-loss run whose other params match best — one
+   table per (gallery/split, protocol, epochs);
+2. OOD words on/off (Table 3) and the scoring ablations the main job logs (and the experiments' OOD
+   on/off), one table per (gallery/split, protocol, epochs);
 3. λ1 / λ2 (Tables 4 and 15) with an Rs heatmap over λ1 × λ2;
 4. OOD sampling size m (Table 5) with R@K against m;
 5. re-ranking weight α (Table 6, eq. 15) with Rs against α;
@@ -119,26 +121,43 @@ def _rsum(r: RunRecord) -> float | None:
 # ---------------------------------------------------------------- sections
 
 
-def loss_ablation(builds: list[RunRecord]) -> Section:
-    title = "Loss ablation (Table 3)"
+def _ablated(r: RunRecord) -> str | None:
+    """Which loss terms of eq. 14 a run switched off (λ1 = 0, λ2 = 0, KL weight 0), or None."""
+    l1, l2 = r.lambdas
+    kl = r.param_float("loss.kl_weight")
+    parts = [n for n, v in (("w/o L_cm", l1), ("w/o L_cl", l2), ("w/o KL", kl)) if v == 0]
+    return ", ".join(parts) or None
 
-    def ablated(r: RunRecord) -> str | None:
-        l1, l2 = r.lambdas
-        kl = r.param_float("loss.kl_weight")
-        parts = [n for n, v in (("w/o L_cm", l1), ("w/o L_cl", l2), ("w/o KL", kl)) if v == 0]
-        return ", ".join(parts) or None
 
-    abl = [r for r in builds if ablated(r)]
-    if not abl:
-        return _omitted(title, "no build_knowledge run with λ1 = 0, λ2 = 0 or a zero KL weight; run "
-                               "`jobs/build_knowledge.py loss.lambda_cm=0` (and `loss.lambda_cl=0`, "
-                               "`loss.kl_weight=0`) next to a full-loss run to fill it.")
+def _seeded(label: str, r: RunRecord) -> str:
+    """A row label with the seed of an experiment run (``jobs/experiments.py`` logs one run per seed)."""
+    seed = r.tags.get("experiment.seed")
+    return f"{label} (seed {seed})" if seed is not None else label
+
+
+def _by_evaluation(runs: list[RunRecord]) -> dict[tuple[str, str, str], list[RunRecord]]:
+    """Runs grouped by :func:`evaluation_of` (gallery/split, protocol, epochs): one table per group."""
+    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
+    for r in runs:
+        groups.setdefault(evaluation_of(r), []).append(r)
+    return groups
+
+
+def _evaluation_line(ev: tuple[str, str, str]) -> str:
+    gal, proto, epochs = ev
+    return f"Gallery/split: {gal} · protocol: {proto} · epochs: {epochs}\n\n"
+
+
+def _loss_ablation_table(runs: list[RunRecord]) -> tuple[str, list[dict[str, Any]]]:
+    """One evaluation group's Table 3 rows: the full-loss run closest in config, then every ablated run."""
+    abl = [r for r in runs if _ablated(r)]
     loss_keys = ("loss.lambda_cm", "loss.lambda_cl", "loss.kl_weight", "loss.lambda1", "loss.lambda2")
-    full = [r for r in builds if not ablated(r)]
+    full = [r for r in runs if not _ablated(r)]
     ref = min(full, key=lambda f: (sum(len(param_differences(f, a, loss_keys)) for a in abl), -f.start_time),
               default=None)
     rows, tails, notes, data = [], [], [], []
-    for label, r in ([("MASK", ref)] if ref else []) + [(f"MASK {ablated(a)}", a) for a in abl]:
+    for label, r in ([("MASK", ref)] if ref else []) + [(f"MASK {_ablated(a)}", a) for a in abl]:
+        label = _seeded(label, r)
         m = r.recall("mask")
         rows.append(([label, *_lam_cells(r), fmt_num(r.param_float("loss.kl_weight"))], m))
         tails.append([r.short])
@@ -150,29 +169,52 @@ def loss_ablation(builds: list[RunRecord]) -> Section:
                              f"{', '.join(diff[:8])}{' …' if len(diff) > 8 else ''}")
     body = recall_table(["method", "λ1", "λ2", "KL weight"], rows, ["run"], tails)
     if ref is None:
-        notes.append("- no full-loss build_knowledge run to compare with")
-    return Section(title, body + ("\n\n" + "\n".join(notes) if notes else ""), data=data)
+        notes.append("- no full-loss run with this gallery, protocol and epochs to compare with")
+    return body + ("\n\n" + "\n".join(notes) if notes else ""), data
 
 
-def ood_ablation(builds: list[RunRecord]) -> Section:
+def loss_ablation(runs: list[RunRecord]) -> Section:
+    """Table 3's loss ablation from ``build_knowledge`` and ``experiment`` runs, one table per (gallery/split,
+    protocol, epochs) — rows that were evaluated differently are never compared in one table."""
+    title = "Loss ablation (Table 3)"
+    groups = {ev: g for ev, g in _by_evaluation(runs).items() if any(_ablated(r) for r in g)}
+    if not groups:
+        return _omitted(title, "no build_knowledge or experiment run with λ1 = 0, λ2 = 0 or a zero KL weight; run "
+                               "`jobs/build_knowledge.py loss.lambda_cm=0` (and `loss.lambda_cl=0`, "
+                               "`loss.kl_weight=0`) next to a full-loss run, or `jobs/experiments.py`, to fill it.")
+    bodies, data = [], []
+    for ev, g in groups.items():
+        body, d = _loss_ablation_table(g)
+        bodies.append(_evaluation_line(ev) + body)
+        data += [{**row, "evaluation": list(ev)} for row in d]
+    return Section(title, "\n\n".join(bodies), data=data)
+
+
+def ood_ablation(runs: list[RunRecord]) -> Section:
+    """OOD words on/off and the scoring ablations from ``build_knowledge`` and ``experiment`` runs, one table
+    per (gallery/split, protocol, epochs), the best runs by Rs first."""
     title = "OOD words on/off and scoring ablations (Tables 1 and 3)"
-    have = _best([r for r in builds if r.recall("mask_without_ood")], _rsum)
+    have = [r for r in runs if r.recall("mask_without_ood")]
     if not have:
-        return _omitted(title, "no build_knowledge run evaluated a gallery with OOD prototypes "
+        return _omitted(title, "no build_knowledge or experiment run evaluated a gallery with OOD prototypes "
                                "(`knowledge.ood_method` other than `none` and a `gallery` in the config).")
-    shown, rest = have[:MAX_RUNS], len(have) - MAX_RUNS
-    rows, tails, data = [], [], []
-    for r in shown:
-        for v, label in _VARIANTS.items():
-            m = r.recall(v)
-            if m is not None:
-                rows.append(([label, *_lam_cells(r)], m))
-                tails.append([r.short])
-                data.append({"row": label, "variant": v, "run_id": r.run_id, **m})
-    body = recall_table(["method", "λ1", "λ2"], rows, ["run"], tails)
-    if rest > 0:
-        body += f"\n\n{rest} more runs not shown (the {MAX_RUNS} with the best Rs are)."
-    return Section(title, body, data=data)
+    bodies, data = [], []
+    for ev, g in _by_evaluation(have).items():
+        ranked = _best(g, _rsum)
+        shown, rest = ranked[:MAX_RUNS], len(ranked) - MAX_RUNS
+        rows, tails = [], []
+        for r in shown:
+            for v, label in _VARIANTS.items():
+                m = r.recall(v)
+                if m is not None:
+                    rows.append(([_seeded(label, r), *_lam_cells(r)], m))
+                    tails.append([r.short])
+                    data.append({"row": label, "variant": v, "run_id": r.run_id, "evaluation": list(ev), **m})
+        body = _evaluation_line(ev) + recall_table(["method", "λ1", "λ2"], rows, ["run"], tails)
+        if rest > 0:
+            body += f"\n\n{rest} more runs not shown (the {MAX_RUNS} with the best Rs are)."
+        bodies.append(body)
+    return Section(title, "\n\n".join(bodies), data=data)
 
 
 def evaluation_of(r: RunRecord) -> tuple[str, str, str]:
@@ -554,8 +596,8 @@ def write_report(client, runs: list[RunRecord], out_dir: str, *, sources: dict[s
     try:
         sections = [
             overview(finished, skipped, dups, sources),
-            loss_ablation(builds),
-            ood_ablation(builds),
+            loss_ablation(builds + experiments),
+            ood_ablation(builds + experiments),
             lambda_section(builds + trials + experiments, tmp),
             m_section(trials, builds, tmp),
             alpha_section(trials, galleries, tmp),
