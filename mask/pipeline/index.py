@@ -24,6 +24,7 @@ same knowledge, features and scoring config, the result equals a from-scratch bu
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import io
 import json
 import logging
@@ -283,62 +284,85 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
            "seconds": 0.0}
     if not need:
         return out
-    cols = MU_COLUMNS
-
-    def commit(table: pa.Table, ids: list[str]) -> None:
-        got = set(table.column("image_id").to_pylist())
-        lost = [i for i in ids if i not in got]
-        if lost:
-            raise GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
-                               f"e.g. {lost[:3]}")
-        table = table.append_column("content_sha256", pa.array(
-            [content.get(i) for i in table.column("image_id").to_pylist()], pa.string()))
-        swap = [i for i in ids if i in have]
-        with store.open_artifact(mrel, kind="mu", config_hash=mhash, append=True) as w:
-            if swap:  # μ of changed images: the old rows leave in the same manifest write
-                w.retire_rows(["image_id", "content_sha256"], _other_content({i: content.get(i) for i in swap}))
-            w.write_part(table, name=f"mu-{fingerprint([sorted(ids), [content.get(i) for i in sorted(ids)]])[:20]}")
-            w.commit(mlflow_run_id=run_id)
-
+    commit = functools.partial(_commit_mu, store, frel, mrel, mhash, have, content, run_id)
     if len(need) <= ctx.cfg.index.local_max_images:
-        feats = read_rows(store, frel, need, columns=cols)
-        if feats is None:
-            raise GalleryError(f"μ: none of {len(need)} images has committed region features in {store.uri(frel)}")
-        stage = MuStage(pae_bytes, keep_ids=need)
-        batches = []
-        for b in feats.to_batches(max_chunksize=64):
-            batches.append(stage({c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}))
-        commit(mu_table(batches), need)
+        commit(_mu_on_driver(store, frel, pae_bytes, need), need)
         out["where"] = "driver"
     else:
         # parts grouped into commits of about index.mu_commit_images images: a long μ stage keeps its
         # progress (a rerun computes only the images without μ)
-        fs = store.pyarrow_filesystem()
-        wanted = set(need)
-        groups: list[tuple[list[str], list[str]]] = []
-        for p in (store.manifest(frel) or {}).get("parts") or []:
-            path = store.path(frel, p["path"])
-            ids = [i for i in pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
-                   if i in wanted]
-            if not ids:
-                continue
-            if not groups or len(groups[-1][1]) >= ctx.cfg.index.mu_commit_images:
-                groups.append(([], []))
-            groups[-1][0].append(path)
-            groups[-1][1].extend(ids)
-        covered = {i for _, ids in groups for i in ids}
-        lost = [i for i in need if i not in covered]
-        if lost:
-            raise GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
-                               f"e.g. {lost[:3]}")
+        groups = _mu_groups(store, frel, need, ctx.cfg.index.mu_commit_images)
         ensure_gpus(ctx.cfg, "represent.num_gpus", ctx.cfg.represent.num_gpus)
         for paths, ids in groups:
-            ds = features_dataset(store, frel, cols, parts=paths)
+            ds = features_dataset(store, frel, MU_COLUMNS, parts=paths)
             commit(image_representations(ds, pae_bytes, ctx.cfg.represent, keep_ids=ids), ids)
         out["where"] = "ray-data"
         out["commits"] = len(groups)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _no_features(store: Store, frel: str, lost: list[str]) -> GalleryError:
+    return GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
+                        f"e.g. {lost[:3]}")
+
+
+def _commit_mu(store: Store, frel: str, mrel: str, mhash: str, have: dict[str, tuple[int, str | None]],
+               content: dict[str, str | None], run_id: str | None, table: pa.Table, ids: list[str]) -> None:
+    """Append the μ rows ``table`` of ``ids`` (with their features' ``content_sha256``) to the μ artifact;
+    images that had μ from other features lose their old rows in the same manifest write."""
+    got = set(table.column("image_id").to_pylist())
+    lost = [i for i in ids if i not in got]
+    if lost:
+        raise _no_features(store, frel, lost)
+    table = table.append_column("content_sha256", pa.array(
+        [content.get(i) for i in table.column("image_id").to_pylist()], pa.string()))
+    swap = [i for i in ids if i in have]
+    with store.open_artifact(mrel, kind="mu", config_hash=mhash, append=True) as w:
+        if swap:  # μ of changed images: the old rows leave in the same manifest write
+            w.retire_rows(["image_id", "content_sha256"], _other_content({i: content.get(i) for i in swap}))
+        w.write_part(table, name=f"mu-{fingerprint([sorted(ids), [content.get(i) for i in sorted(ids)]])[:20]}")
+        w.commit(mlflow_run_id=run_id)
+
+
+def _mu_on_driver(store: Store, frel: str, pae_bytes: bytes, need: list[str]) -> pa.Table:
+    """μ of a few images (``need``), computed on the driver."""
+    cols = MU_COLUMNS
+    feats = read_rows(store, frel, need, columns=cols)
+    if feats is None:
+        raise GalleryError(f"μ: none of {len(need)} images has committed region features in {store.uri(frel)}")
+    stage = MuStage(pae_bytes, keep_ids=need)
+    batches = []
+    for b in feats.to_batches(max_chunksize=64):
+        batches.append(stage({c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}))
+    return mu_table(batches)
+
+
+def _mu_groups(store: Store, frel: str, need: list[str], group_images: int) -> list[tuple[list[str], list[str]]]:
+    """The features parts holding ``need``, grouped into commits of about ``group_images`` images:
+    ``(part paths, image ids)`` per group.
+
+    Raises:
+        GalleryError: an image of ``need`` has no committed features.
+    """
+    fs = store.pyarrow_filesystem()
+    wanted = set(need)
+    groups: list[tuple[list[str], list[str]]] = []
+    for p in (store.manifest(frel) or {}).get("parts") or []:
+        path = store.path(frel, p["path"])
+        ids = [i for i in pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
+               if i in wanted]
+        if not ids:
+            continue
+        if not groups or len(groups[-1][1]) >= group_images:
+            groups.append(([], []))
+        groups[-1][0].append(path)
+        groups[-1][1].extend(ids)
+    covered = {i for _, ids in groups for i in ids}
+    lost = [i for i in need if i not in covered]
+    if lost:
+        raise _no_features(store, frel, lost)
+    return groups
 
 
 # ---------------------------------------------------------------- CURRENT
