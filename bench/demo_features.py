@@ -56,6 +56,53 @@ def load_rgb(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def ground_truth_objects(world, n_train: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray,
+                                                      np.ndarray]:
+    """The first ``n_train`` VG-part images with their ground-truth object boxes (objects, not parts), and per
+    object region its class, its colour and the index of its image."""
+    objects = json.loads((world.vg_dir / "objects.json").read_text())[: n_train]
+    attributes = json.loads((world.vg_dir / "attributes.json").read_text())[: n_train]
+    train_imgs, train_boxes, cls, col, img_of = [], [], [], [], []
+    for k, (o, a) in enumerate(zip(objects, attributes, strict=True)):
+        keep = [(ob, at) for ob, at in zip(o["objects"], a["attributes"], strict=True)
+                if ob["names"][0] in OBJECT_ASPECT and at["attributes"]]  # objects, not parts (an apple's leaf)
+        train_imgs.append(load_rgb(world.vg_dir / "images" / f"{o['image_id']}.jpg"))
+        train_boxes.append(np.array([[ob["x"], ob["y"], ob["x"] + ob["w"], ob["y"] + ob["h"]] for ob, _ in keep],
+                                    np.float32))
+        cls += [ob["names"][0] for ob, _ in keep]
+        col += [at["attributes"][0] for _, at in keep]
+        img_of += [k] * len(keep)
+    return train_imgs, train_boxes, np.array(cls), np.array(col), np.array(img_of)
+
+
+def block_accuracies(feats: np.ndarray, train_imgs: list[np.ndarray], train_boxes: list[np.ndarray],
+                     cls: np.ndarray, col: np.ndarray, tr: np.ndarray) -> dict[str, tuple[float, float]]:
+    """(class, colour) accuracy of each block of the new extractor's features alone, of the previous colour
+    block (3 × 3 mean L*a*b*) and of all blocks with the previous colour block in place of the histogram."""
+    ends = np.cumsum([c for _, c, _ in LEVELS] + [COLOUR_DIM])
+    parts = dict(zip([n for n, _, _ in LEVELS] + ["colour histogram"], np.split(feats, ends[:-1], axis=1),
+                     strict=True))
+    grid = np.concatenate([mean_lab_grid(im, b) for im, b in zip(train_imgs, train_boxes, strict=True)])
+    parts["3x3 mean Lab (previous)"] = grid
+    parts["all, previous colour block"] = np.concatenate([feats[:, : ends[-2]], grid], axis=1)
+    blocks = {}
+    for part, f in parts.items():
+        blocks[part] = (accuracy(f[tr], cls[tr], f[~tr], cls[~tr]), accuracy(f[tr], col[tr], f[~tr], col[~tr]))
+    return blocks
+
+
+def box_hits(fixed: RegionExtractor, gal_imgs: list[np.ndarray], gal_gt: list[np.ndarray]) -> tuple[int, int]:
+    """How many of the gallery's ground-truth objects one of the extractor's boxes finds at IoU ≥ 0.5, of how
+    many."""
+    hits = total = 0
+    for im, gt in zip(gal_imgs, gal_gt, strict=True):
+        boxes = torch.from_numpy(fixed([im])[0]["boxes"])
+        total += len(gt)
+        if len(boxes):
+            hits += int((box_iou(torch.from_numpy(gt), boxes).max(1).values >= 0.5).sum())
+    return hits, total
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=240, help="VG-part images (ground-truth regions)")
@@ -70,19 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = tempfile.TemporaryDirectory()
         args.root = tmp.name
     world = generate_demo_world(args.root, seed=0, n_train=max(args.train, 1), n_gallery=max(args.gallery, 1))
-    objects = json.loads((world.vg_dir / "objects.json").read_text())[: args.train]
-    attributes = json.loads((world.vg_dir / "attributes.json").read_text())[: args.train]
-    train_imgs, train_boxes, cls, col, img_of = [], [], [], [], []
-    for k, (o, a) in enumerate(zip(objects, attributes, strict=True)):
-        keep = [(ob, at) for ob, at in zip(o["objects"], a["attributes"], strict=True)
-                if ob["names"][0] in OBJECT_ASPECT and at["attributes"]]  # objects, not parts (an apple's leaf)
-        train_imgs.append(load_rgb(world.vg_dir / "images" / f"{o['image_id']}.jpg"))
-        train_boxes.append(np.array([[ob["x"], ob["y"], ob["x"] + ob["w"], ob["y"] + ob["h"]] for ob, _ in keep],
-                                    np.float32))
-        cls += [ob["names"][0] for ob, _ in keep]
-        col += [at["attributes"][0] for _, at in keep]
-        img_of += [k] * len(keep)
-    cls, col, img_of = np.array(cls), np.array(col), np.array(img_of)
+    train_imgs, train_boxes, cls, col, img_of = ground_truth_objects(world, args.train)
     perm = np.random.default_rng(0).permutation(len(train_imgs))
     tr = np.isin(img_of, perm[: len(perm) // 2])
     gal_imgs = [load_rgb(world.karpathy_root / "images" / f"demo_{i:05d}.jpg") for i in range(args.gallery)]
@@ -101,26 +136,14 @@ def main(argv: list[str] | None = None) -> None:
         acc_c = accuracy(feats[tr], cls[tr], feats[~tr], cls[~tr])
         acc_k = accuracy(feats[tr], col[tr], feats[~tr], col[~tr])
         if kw is NEW:  # each block alone, and the previous colour block in place of the histogram
-            ends = np.cumsum([c for _, c, _ in LEVELS] + [COLOUR_DIM])
-            parts = dict(zip([n for n, _, _ in LEVELS] + ["colour histogram"], np.split(feats, ends[:-1], axis=1),
-                             strict=True))
-            grid = np.concatenate([mean_lab_grid(im, b) for im, b in zip(train_imgs, train_boxes, strict=True)])
-            parts["3x3 mean Lab (previous)"] = grid
-            parts["all, previous colour block"] = np.concatenate([feats[:, : ends[-2]], grid], axis=1)
-            for part, f in parts.items():
-                blocks[part] = (accuracy(f[tr], cls[tr], f[~tr], cls[~tr]), accuracy(f[tr], col[tr], f[~tr], col[~tr]))
+            blocks = block_accuracies(feats, train_imgs, train_boxes, cls, col, tr)
         t0 = time.perf_counter()
         if kw is OLD:  # the same calibrated weights, boxes from its RPN
             fixed = RegionExtractor(given.model, mode="fixed", num_boxes=36, min_size=kw["min_size"],
                                     max_size=kw["max_size"], info=given.info)
         else:
             fixed = RegionExtractor.from_config(DetectorConfig(mode="fixed", **kw))
-        hits = total = 0
-        for im, gt in zip(gal_imgs, gal_gt, strict=True):
-            boxes = torch.from_numpy(fixed([im])[0]["boxes"])
-            total += len(gt)
-            if len(boxes):
-                hits += int((box_iou(torch.from_numpy(gt), boxes).max(1).values >= 0.5).sum())
+        hits, total = box_hits(fixed, gal_imgs, gal_gt)
         t_box = time.perf_counter() - t0
         rows[name] = (acc_c, acc_k, hits / max(total, 1), t_feat, t_box)
         print(f"{name}: class {acc_c:.3f} colour {acc_k:.3f} box recall {hits / max(total, 1):.3f} "

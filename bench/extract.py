@@ -116,6 +116,33 @@ def bare_loop(det, weights: bytes, uris: list[str]) -> int:
     return rows
 
 
+def _print_summary(runs: dict[str, list[float]], per_cpu: dict[str, list[float]], peak: dict[str, list[int]],
+                   at_peak: list[tuple[str, int]]) -> None:
+    """Images/s and images per CPU-second of both sides with their ratios, peak memory, the Ray side's
+    processes at its peak and the load average."""
+    def fmt(v: list[float]) -> str:
+        return f"best {max(v):6.2f}  median {statistics.median(v):6.2f}  (runs: {', '.join(f'{x:.2f}' for x in v)})"
+
+    print(f"bare loop   images/s: {fmt(runs['bare'])}")
+    print(f"Ray Data    images/s: {fmt(runs['ray'])}")
+    print(f"ratio Ray/bare (wall): best {max(runs['ray']) / max(runs['bare']):.3f}, "
+          f"median {statistics.median(runs['ray']) / statistics.median(runs['bare']):.3f}  (target >= 0.9)")
+    print(f"bare loop   images per CPU-second: {fmt(per_cpu['bare'])}")
+    print(f"Ray Data    images per CPU-second: {fmt(per_cpu['ray'])}  (driver + every Ray process)")
+    print(f"ratio Ray/bare (CPU): best {max(per_cpu['ray']) / max(per_cpu['bare']):.3f}, "
+          f"median {statistics.median(per_cpu['ray']) / statistics.median(per_cpu['bare']):.3f}")
+    gib = 2 ** 30
+    for k in ("bare", "ray"):
+        print(f"peak memory {k:4s}: RSS sum {peak[k][0] / gib:.2f} GiB, private (RSS - shared) sum {peak[k][1] / gib:.2f} GiB"
+              f" ({'this process' if k == 'bare' else 'driver + Ray processes'})")
+    groups: dict[str, list[int]] = {}
+    for name, rss in at_peak:
+        groups.setdefault(name, []).append(rss)
+    print("  Ray side at its peak (RSS by process name): " + ", ".join(
+        f"{k} {len(v)}x {sum(v) / gib:.2f} GiB" for k, v in sorted(groups.items(), key=lambda kv: -sum(kv[1]))))
+    print(f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=80)
@@ -183,27 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             peak[side] = [max(peak[side][0], mon.peak_rss), max(peak[side][1], mon.peak_private)]
     ray.shutdown()
 
-    def fmt(v: list[float]) -> str:
-        return f"best {max(v):6.2f}  median {statistics.median(v):6.2f}  (runs: {', '.join(f'{x:.2f}' for x in v)})"
-
-    print(f"bare loop   images/s: {fmt(runs['bare'])}")
-    print(f"Ray Data    images/s: {fmt(runs['ray'])}")
-    print(f"ratio Ray/bare (wall): best {max(runs['ray']) / max(runs['bare']):.3f}, "
-          f"median {statistics.median(runs['ray']) / statistics.median(runs['bare']):.3f}  (target >= 0.9)")
-    print(f"bare loop   images per CPU-second: {fmt(per_cpu['bare'])}")
-    print(f"Ray Data    images per CPU-second: {fmt(per_cpu['ray'])}  (driver + every Ray process)")
-    print(f"ratio Ray/bare (CPU): best {max(per_cpu['ray']) / max(per_cpu['bare']):.3f}, "
-          f"median {statistics.median(per_cpu['ray']) / statistics.median(per_cpu['bare']):.3f}")
-    gib = 2 ** 30
-    for k in ("bare", "ray"):
-        print(f"peak memory {k:4s}: RSS sum {peak[k][0] / gib:.2f} GiB, private (RSS - shared) sum {peak[k][1] / gib:.2f} GiB"
-              f" ({'this process' if k == 'bare' else 'driver + Ray processes'})")
-    groups: dict[str, list[int]] = {}
-    for name, rss in at_peak:
-        groups.setdefault(name, []).append(rss)
-    print("  Ray side at its peak (RSS by process name): " + ", ".join(
-        f"{k} {len(v)}x {sum(v) / gib:.2f} GiB" for k, v in sorted(groups.items(), key=lambda kv: -sum(kv[1]))))
-    print(f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    _print_summary(runs, per_cpu, peak, at_peak)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,44 @@ def cycle_consistency_loss(u: Tensor, mu: Tensor, W: Tensor,
     return {"loss_ss": r2w + w2r, "loss_r2w": r2w, "loss_w2r": w2r}
 
 
+def _checked_prototypes(prototypes: np.ndarray, steps: int) -> np.ndarray:
+    """The prototypes as an array, checked: a finite float (K, Z) array; and ``steps`` ≥ 0."""
+    protos = np.asarray(prototypes)
+    if protos.ndim != 2 or not np.issubdtype(protos.dtype, np.floating):
+        raise FinetuneInputError(f"prototypes must be a float (K, Z) array, got {protos.dtype} {protos.shape}")
+    if not np.isfinite(protos).all():
+        raise FinetuneInputError("prototypes contain NaN or inf")
+    if steps < 0:
+        raise FinetuneInputError(f"steps must be >= 0, got {steps}")
+    return protos
+
+
+def _checked_batch(mu_b: np.ndarray, ids_b: np.ndarray, k: int, z: int) -> tuple[Tensor, np.ndarray]:
+    """One step's batch, checked: region means μ as a finite float32 (I, Z) tensor and word indices as a 1-D
+    integer array within [0, K) (either may be empty)."""
+    mu_t = torch.as_tensor(np.asarray(mu_b), dtype=torch.float32)  # (I, Z)
+    ids = np.asarray(ids_b)
+    if mu_t.dim() != 2 or mu_t.shape[1] != z:
+        raise FinetuneInputError(f"image_mu batch has shape {tuple(mu_t.shape)}, expected (I, {z})")
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise FinetuneInputError(f"word batch must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= k):
+        raise FinetuneInputError(f"word batch has indices outside [0, {k})")
+    if not torch.isfinite(mu_t).all():
+        raise FinetuneInputError("image_mu batch contains NaN or inf")
+    return mu_t, ids
+
+
+def _adam_step(u: Tensor, mu: Tensor, W: Tensor, opt: torch.optim.Optimizer,
+               reduction: Literal["sum", "mean"]) -> dict[str, Tensor]:
+    """One Adam update of W on L_ss (eq. 93); returns the loss terms (eq. 91–93) before the update."""
+    terms = cycle_consistency_loss(u, mu, W, reduction)
+    opt.zero_grad(set_to_none=True)
+    terms["loss_ss"].backward()
+    opt.step()
+    return terms
+
+
 def finetune_prototypes(prototypes: np.ndarray, image_mu_batches: Iterable[np.ndarray],
                         word_batches: Iterable[np.ndarray], steps: int, lr: float = 1e-3, seed: int = 0,
                         *, normalize: bool = True, reduction: Literal["sum", "mean"] = "sum",
@@ -95,13 +133,7 @@ def finetune_prototypes(prototypes: np.ndarray, image_mu_batches: Iterable[np.nd
     Returns:
         W (Z, Z) float32; apply as ``v_hat = v @ W``.
     """
-    protos = np.asarray(prototypes)
-    if protos.ndim != 2 or not np.issubdtype(protos.dtype, np.floating):
-        raise FinetuneInputError(f"prototypes must be a float (K, Z) array, got {protos.dtype} {protos.shape}")
-    if not np.isfinite(protos).all():
-        raise FinetuneInputError("prototypes contain NaN or inf")
-    if steps < 0:
-        raise FinetuneInputError(f"steps must be >= 0, got {steps}")
+    protos = _checked_prototypes(prototypes, steps)
     k, z = protos.shape
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -130,25 +162,13 @@ def finetune_prototypes(prototypes: np.ndarray, image_mu_batches: Iterable[np.nd
                 except StopIteration:
                     logger.warning("finetune: batches exhausted after %d of %d steps", done, steps)
                     break
-            mu_t = torch.as_tensor(np.asarray(mu_b), dtype=torch.float32)  # (I, Z)
-            ids = np.asarray(ids_b)
-            if mu_t.dim() != 2 or mu_t.shape[1] != z:
-                raise FinetuneInputError(f"image_mu batch has shape {tuple(mu_t.shape)}, expected (I, {z})")
-            if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-                raise FinetuneInputError(f"word batch must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-            if ids.size and (ids.min() < 0 or ids.max() >= k):
-                raise FinetuneInputError(f"word batch has indices outside [0, {k})")
-            if not torch.isfinite(mu_t).all():
-                raise FinetuneInputError("image_mu batch contains NaN or inf")
+            mu_t, ids = _checked_batch(mu_b, ids_b, k, z)  # (I, Z), (J,)
             if mu_t.shape[0] == 0 or ids.size == 0:
                 skipped += 1
                 continue
             if normalize:
                 mu_t = F.normalize(mu_t, dim=-1)
-            terms = cycle_consistency_loss(v[torch.as_tensor(ids, dtype=torch.long)], mu_t, W, reduction)
-            opt.zero_grad(set_to_none=True)
-            terms["loss_ss"].backward()
-            opt.step()
+            terms = _adam_step(v[torch.as_tensor(ids, dtype=torch.long)], mu_t, W, opt, reduction)
             last = float(terms["loss_ss"].detach())
             if history is not None:
                 history.append({k: float(v.detach()) for k, v in terms.items()})

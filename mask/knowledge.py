@@ -473,6 +473,59 @@ def _topm_exact(q: np.ndarray, kn64: np.ndarray, m: int) -> np.ndarray:
     return out
 
 
+def _check_ood_options(m: int, weighting: str, temperature: float) -> None:
+    """The options of :func:`ood_prototypes`: m ≥ 1, a known weighting, τ > 0 for the cosine weighting."""
+    if int(m) < 1:
+        raise KnowledgeError(f"m: must be at least 1, got {m}")
+    if weighting not in ("dot", "cosine"):
+        raise KnowledgeError(f"weighting: expected 'dot' (eq. 11) or 'cosine', got {weighting!r}")
+    if weighting == "cosine" and not temperature > 0:
+        raise KnowledgeError(f"temperature: must be > 0 for the cosine weighting, got {temperature}")
+
+
+def _ood_neighbours(cos: np.ndarray, qc: np.ndarray, zero: np.ndarray, kn64: np.ndarray, m: int) -> np.ndarray:
+    """Eq. 13: the indices of each query's m known words of highest cosine, sorted (fixed term order →
+    deterministic sums).
+
+    Args:
+        cos: (c, K) float32 cosines of the queries with the known words.
+        qc: (c, N) the queries; zero: (c,) which of them are all zeros (they never re-decide ties).
+        kn64: (K, N) the L2-normalised known vectors in float64, for re-deciding (near) ties.
+        m: sampling size, 1 ≤ m ≤ K (m = K takes every known word).
+
+    Returns:
+        (c, m) indices into the knowledge.
+    """
+    k_known = cos.shape[1]
+    if m < k_known:
+        vals, idx_t = torch.topk(torch.from_numpy(cos), m + 1, dim=1)  # (c, m+1): one extra to see ties
+        vals, idx = vals.numpy(), idx_t.numpy()
+        # a (near) tie across the boundary: re-decide in float64, ties → lower index
+        tie = (vals[:, m - 1] - vals[:, m] <= OOD_TIE_TOL) & ~zero
+        idx = idx[:, :m].copy()
+        if tie.any():
+            rows = np.flatnonzero(tie)
+            idx[rows] = _topm_exact(qc[rows], kn64, m)
+    else:
+        idx = np.broadcast_to(np.arange(k_known), (qc.shape[0], k_known))
+    return np.sort(idx, axis=1)  # (c, m) fixed term order → deterministic sums
+
+
+def _ood_weights(qc: np.ndarray, qnorm: np.ndarray, idx: np.ndarray, kv: np.ndarray, kn64: np.ndarray,
+                 weighting: str, temperature: float) -> np.ndarray:
+    """Eq. 11: the (c, m) float64 softmax weights of each query's neighbours ``idx`` — of the raw dot products
+    w_out · w_q (``"dot"``, the paper's form) or of cos(w_out, w_q) / τ (``"cosine"``, our variant)."""
+    if weighting == "dot":
+        raw = np.einsum("cn,cmn->cm", qc.astype(np.float64), kv[idx].astype(np.float64))  # (c, m) w_out·w_q
+    else:  # our variant: cos(w_out, w_q) / τ
+        qn64 = qc.astype(np.float64) / np.maximum(qnorm.astype(np.float64), 1e-300)
+        raw = np.einsum("cn,cmn->cm", qn64, kn64[idx]) / float(temperature)  # (c, m)
+    raw -= raw.max(axis=1, keepdims=True)
+    weights = np.exp(raw)
+    weights /= weights.sum(axis=1, keepdims=True)  # (c, m) eq. 11
+    return weights
+
+
 def ood_prototypes(query_vectors: Any, known_vectors: Any, known_prototypes: Any, m: int,
                    chunk: int = OOD_QUERY_CHUNK, *, weighting: str = "dot", temperature: float = 0.1) -> np.ndarray:
     """Eq. 11–13: prototypes of out-of-knowledge words from their top-m neighbours.
@@ -509,12 +562,7 @@ def ood_prototypes(query_vectors: Any, known_vectors: Any, known_prototypes: Any
         KnowledgeError: empty knowledge, mismatched shapes, NaN/inf, m < 1, an unknown weighting.
     """
     q, kv, kp = _check_ood_inputs(query_vectors, known_vectors, known_prototypes)
-    if int(m) < 1:
-        raise KnowledgeError(f"m: must be at least 1, got {m}")
-    if weighting not in ("dot", "cosine"):
-        raise KnowledgeError(f"weighting: expected 'dot' (eq. 11) or 'cosine', got {weighting!r}")
-    if weighting == "cosine" and not temperature > 0:
-        raise KnowledgeError(f"temperature: must be > 0 for the cosine weighting, got {temperature}")
+    _check_ood_options(m, weighting, temperature)
     k_known = kv.shape[0]
     if m > k_known:
         logger.info("ood_prototypes: m=%d > %d known words, clipped to %d", m, k_known, k_known)
@@ -537,26 +585,8 @@ def ood_prototypes(query_vectors: Any, known_vectors: Any, known_prototypes: Any
         qnorm = np.linalg.norm(qc, axis=1, keepdims=True)  # (c, 1)
         zero = qnorm[:, 0] == 0  # (c,)
         cos = np.divide(qc, qnorm, out=np.zeros_like(qc), where=qnorm > 0) @ kn_t  # (c, K) eq. 13
-        if m < k_known:
-            vals, idx_t = torch.topk(torch.from_numpy(cos), m + 1, dim=1)  # (c, m+1): one extra to see ties
-            vals, idx = vals.numpy(), idx_t.numpy()
-            # a (near) tie across the boundary: re-decide in float64, ties → lower index
-            tie = (vals[:, m - 1] - vals[:, m] <= OOD_TIE_TOL) & ~zero
-            idx = idx[:, :m].copy()
-            if tie.any():
-                rows = np.flatnonzero(tie)
-                idx[rows] = _topm_exact(qc[rows], kn64, m)
-        else:
-            idx = np.broadcast_to(np.arange(k_known), (qc.shape[0], k_known))
-        idx = np.sort(idx, axis=1)  # (c, m) fixed term order → deterministic sums
-        if weighting == "dot":
-            raw = np.einsum("cn,cmn->cm", qc.astype(np.float64), kv[idx].astype(np.float64))  # (c, m) w_out·w_q
-        else:  # our variant: cos(w_out, w_q) / τ
-            qn64 = qc.astype(np.float64) / np.maximum(qnorm.astype(np.float64), 1e-300)
-            raw = np.einsum("cn,cmn->cm", qn64, kn64[idx]) / float(temperature)  # (c, m)
-        raw -= raw.max(axis=1, keepdims=True)
-        weights = np.exp(raw)
-        weights /= weights.sum(axis=1, keepdims=True)  # (c, m) eq. 11
+        idx = _ood_neighbours(cos, qc, zero, kn64, m)  # (c, m)
+        weights = _ood_weights(qc, qnorm, idx, kv, kn64, weighting, temperature)  # (c, m) eq. 11
         res = np.einsum("cm,cmz->cz", weights.astype(np.float32), kp[idx])  # (c, Z) eq. 12
         if zero.any():
             n_zero += int(zero.sum())

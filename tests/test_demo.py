@@ -23,10 +23,13 @@ from mask.datasets import (
     vg_words,
 )
 from mask.datasets.demo import (
+    _SHAPES,
     COLOURS,
     OBJECT_ASPECT,
     SCENERY,
     SYNONYMS,
+    DemoObject,
+    _draw_object,
     chosen_synonyms,
     glove_lookup,
     synonym_support,
@@ -66,6 +69,19 @@ def test_complete_world_is_reused(world):
     assert again == world and marker.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="image_size"):
         generate_demo_world(world.root / "x", image_size=16)
+
+
+def test_every_object_class_has_a_shape_drawn_in_its_box():
+    """Each class of OBJECT_ASPECT has its own shape function, and drawing it colours pixels inside its box only."""
+    assert set(_SHAPES) == set(OBJECT_ASPECT)
+    for name in OBJECT_ASPECT:
+        canvas = Image.new("RGB", (64, 64), (0, 0, 0))
+        _draw_object(canvas, DemoObject(name, "white", "large", "plain", (10, 12, 50, 52)))
+        arr = np.array(canvas)
+        inside = arr[12:52, 10:50].any(axis=-1)
+        assert inside.mean() > 0.1, name
+        arr[12:52, 10:50] = 0
+        assert not arr.any(), name
 
 
 def test_vg_part_in_real_format(world):

@@ -165,6 +165,77 @@ def _dedupe_caption_ids(captions: list[dict[str, Any]], errors: ErrorLog) -> Non
         seen.add(c["caption_id"])
 
 
+def _coco_image_root(path: str, split: str, storage_options: dict | None) -> str:
+    """The default image folder of a COCO captions file: ``<coco>/<split>/`` next to the ``annotations/`` folder
+    when it exists, else the JSON's folder."""
+    here = os.path.dirname(path) or "."
+    guess = join_uri(os.path.dirname(here) if os.path.basename(here) == "annotations" else here, split)
+    return guess if exists(guess, storage_options) else here
+
+
+def _read_coco_images(path: str, image_root: str, split: str, selecting: bool, limit: int | None,
+                      check_files: bool, errors: ErrorLog,
+                      storage_options: dict | None) -> tuple[list[dict[str, Any]], set[str]]:
+    """The selected image rows of a COCO captions file's ``images`` (bad entries to ``errors``) and the ids of
+    every usable image, selected or not."""
+    images: list[dict[str, Any]] = []
+    known: set[str] = set()
+    for i, rec in enumerate(iter_json_items(path, "images.item", expect="{", storage_options=storage_options)):
+        pos = f"images[{i}]"
+        if not isinstance(rec, dict):
+            errors.add(path, pos, "not_an_object", f"expected an object, got {type(rec).__name__}")
+            continue
+        image_id, file_name = as_id(rec.get("id")), rec.get("file_name")
+        if image_id is None or not isinstance(file_name, str) or not file_name.strip():
+            errors.add(path, pos, "missing_field", "no usable 'id' or 'file_name'")
+            continue
+        if image_id in known:
+            errors.add(path, pos, "duplicate_image_id", f"image {image_id} seen before; first kept")
+            continue
+        known.add(image_id)
+        if not selecting or (limit is not None and len(images) >= limit):
+            errors.count("images_not_selected")
+            continue
+        uri = join_uri(image_root, file_name.strip())
+        if not _check(uri, check_files):
+            errors.add(path, pos, "image_not_found", f"image {image_id}: {uri} does not exist")
+            continue
+        w, h = rec.get("width"), rec.get("height")
+        images.append({"image_id": image_id, "uri": uri, "split": split,
+                       "width": w if isinstance(w, int) and w > 0 else None,
+                       "height": h if isinstance(h, int) and h > 0 else None})
+    return images, known
+
+
+def _read_coco_annotations(path: str, known: set[str], selected: list[str], errors: ErrorLog,
+                           storage_options: dict | None) -> dict[str, list[tuple[str, str]]]:
+    """The captions of the ``selected`` images from a COCO captions file's ``annotations``, in file order, as
+    image id → [(caption id, text)]; bad entries and captions of unknown images to ``errors``."""
+    by_image: dict[str, list[tuple[str, str]]] = {image_id: [] for image_id in selected}
+    for i, ann in enumerate(iter_json_items(path, "annotations.item", expect="{",
+                                            storage_options=storage_options)):
+        pos = f"annotations[{i}]"
+        if not isinstance(ann, dict):
+            errors.add(path, pos, "not_an_object", f"expected an object, got {type(ann).__name__}")
+            continue
+        image_id, text = as_id(ann.get("image_id")), _caption_text(ann.get("caption"))
+        if image_id is None:
+            errors.add(path, pos, "missing_field", "no usable 'image_id'")
+            continue
+        if image_id not in known:
+            errors.add(path, pos, "unknown_image", f"caption of image {image_id}, which is not in 'images'")
+            continue
+        if image_id not in by_image:
+            errors.count("captions_not_selected")
+            continue
+        if text is None:
+            errors.add(path, pos, "empty_caption", f"image {image_id}: no 'caption' text")
+            continue
+        cid = as_id(ann.get("id")) or f"{image_id}#{len(by_image[image_id])}"
+        by_image[image_id].append((cid, text))
+    return by_image
+
+
 def read_coco_captions(path: str, image_root: str | None = None, *, name: str | None = None,
                        split: str | None = None, splits: list[str] | None = None, limit: int | None = None,
                        max_captions_per_image: int | None = 5, check_files: bool = True,
@@ -192,59 +263,12 @@ def read_coco_captions(path: str, image_root: str | None = None, *, name: str | 
     split = split or _default_name(path, r"captions_(\w+)\.json$", "all")
     name = name or f"coco_{split}"
     if image_root is None:
-        here = os.path.dirname(path) or "."
-        guess = join_uri(os.path.dirname(here) if os.path.basename(here) == "annotations" else here, split)
-        image_root = guess if exists(guess, storage_options) else here
+        image_root = _coco_image_root(path, split, storage_options)
     errors = ErrorLog()
-    images: list[dict[str, Any]] = []
-    known: set[str] = set()
     selecting = splits is None or split in splits
-    for i, rec in enumerate(iter_json_items(path, "images.item", expect="{", storage_options=storage_options)):
-        pos = f"images[{i}]"
-        if not isinstance(rec, dict):
-            errors.add(path, pos, "not_an_object", f"expected an object, got {type(rec).__name__}")
-            continue
-        image_id, file_name = as_id(rec.get("id")), rec.get("file_name")
-        if image_id is None or not isinstance(file_name, str) or not file_name.strip():
-            errors.add(path, pos, "missing_field", "no usable 'id' or 'file_name'")
-            continue
-        if image_id in known:
-            errors.add(path, pos, "duplicate_image_id", f"image {image_id} seen before; first kept")
-            continue
-        known.add(image_id)
-        if not selecting or (limit is not None and len(images) >= limit):
-            errors.count("images_not_selected")
-            continue
-        uri = join_uri(image_root, file_name.strip())
-        if not _check(uri, check_files):
-            errors.add(path, pos, "image_not_found", f"image {image_id}: {uri} does not exist")
-            continue
-        w, h = rec.get("width"), rec.get("height")
-        images.append({"image_id": image_id, "uri": uri, "split": split,
-                       "width": w if isinstance(w, int) and w > 0 else None,
-                       "height": h if isinstance(h, int) and h > 0 else None})
-    by_image: dict[str, list[tuple[str, str]]] = {im["image_id"]: [] for im in images}
-    for i, ann in enumerate(iter_json_items(path, "annotations.item", expect="{",
-                                            storage_options=storage_options)):
-        pos = f"annotations[{i}]"
-        if not isinstance(ann, dict):
-            errors.add(path, pos, "not_an_object", f"expected an object, got {type(ann).__name__}")
-            continue
-        image_id, text = as_id(ann.get("image_id")), _caption_text(ann.get("caption"))
-        if image_id is None:
-            errors.add(path, pos, "missing_field", "no usable 'image_id'")
-            continue
-        if image_id not in known:
-            errors.add(path, pos, "unknown_image", f"caption of image {image_id}, which is not in 'images'")
-            continue
-        if image_id not in by_image:
-            errors.count("captions_not_selected")
-            continue
-        if text is None:
-            errors.add(path, pos, "empty_caption", f"image {image_id}: no 'caption' text")
-            continue
-        cid = as_id(ann.get("id")) or f"{image_id}#{len(by_image[image_id])}"
-        by_image[image_id].append((cid, text))
+    images, known = _read_coco_images(path, image_root, split, selecting, limit, check_files, errors,
+                                      storage_options)
+    by_image = _read_coco_annotations(path, known, [im["image_id"] for im in images], errors, storage_options)
     captions: list[dict[str, Any]] = []
     for im in images:
         caps = by_image[im["image_id"]]

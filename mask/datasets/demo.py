@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,172 +344,315 @@ def _texture(size: tuple[int, int], colour: tuple[int, int, int], texture: str) 
     return img
 
 
+@dataclass
+class _Sketch:
+    """One object drawn in its own box (``w`` x ``h`` pixels): ``m`` draws its shape on a mask that is then
+    filled with colour + texture; ``details`` collects the fixed-colour parts drawn over it, each as
+    (ImageDraw method, points, keyword arguments; ``fill`` defaults to a shade of the object's colour)."""
+
+    obj: DemoObject
+    w: int
+    h: int
+    m: ImageDraw.ImageDraw
+    details: list[tuple[str, Any, dict]]
+
+    def P(self, fx: float, fy: float) -> tuple[float, float]:
+        """A point given as fractions of the box."""
+        return (fx * (self.w - 1), fy * (self.h - 1))
+
+
+# Object class → the function that sketches its shape (one per class of OBJECT_ASPECT).
+_SHAPES: dict[str, Callable[[_Sketch], None]] = {}
+
+
+def _shape(name: str) -> Callable[[Callable[[_Sketch], None]], Callable[[_Sketch], None]]:
+    def register(fn: Callable[[_Sketch], None]) -> Callable[[_Sketch], None]:
+        _SHAPES[name] = fn
+        return fn
+    return register
+
+
+@_shape("ball")
+def _draw_ball(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.ellipse([P(0, 0), P(1, 1)], fill=255)
+    s.details.append(("arc", [P(0.15, 0.15), P(0.85, 0.85)], {"start": 200, "end": 340, "width": 2}))
+
+
+@_shape("box")
+def _draw_box(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.rectangle([P(0, 0.2), P(0.8, 1)], fill=255)
+    m.polygon([P(0, 0.2), P(0.2, 0), P(1, 0), P(0.8, 0.2)], fill=255)
+    m.polygon([P(0.8, 0.2), P(1, 0), P(1, 0.8), P(0.8, 1)], fill=255)
+    s.details.append(("line", [P(0, 0.2), P(0.8, 0.2), P(1, 0)], {"width": 2}))
+    s.details.append(("line", [P(0.8, 0.2), P(0.8, 1)], {"width": 2}))
+
+
+@_shape("tree")
+def _draw_tree(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.ellipse([P(0, 0), P(1, 0.72)], fill=255)
+    s.details.append(("rectangle", [P(0.42, 0.66), P(0.58, 1)], {"fill": _TRUNK}))
+
+
+@_shape("house")
+def _draw_house(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.rectangle([P(0.1, 0.45), P(0.9, 1)], fill=255)
+    m.polygon([P(0, 0.48), P(0.5, 0), P(1, 0.48)], fill=255)
+    s.details.append(("rectangle", [P(0.42, 0.7), P(0.58, 1)], {"fill": _DARK}))
+    s.details.append(("rectangle", [P(0.18, 0.58), P(0.34, 0.72)], {"fill": _LIGHT}))
+    s.details.append(("rectangle", [P(0.66, 0.58), P(0.82, 0.72)], {"fill": _LIGHT}))
+
+
+@_shape("car")
+def _draw_car(s: _Sketch) -> None:
+    m, P, w, h = s.m, s.P, s.w, s.h
+    m.rounded_rectangle([P(0, 0.38), P(1, 0.8)], radius=max(1, h // 8), fill=255)
+    m.polygon([P(0.2, 0.4), P(0.32, 0.06), P(0.7, 0.06), P(0.84, 0.4)], fill=255)
+    s.details.append(("polygon", [P(0.27, 0.38), P(0.36, 0.14), P(0.66, 0.14), P(0.76, 0.38)],
+                      {"fill": _LIGHT}))
+    r = min(0.2 * h, 0.11 * w)
+    for fx in (0.24, 0.76):
+        cx, cy = fx * (w - 1), h - 1 - r
+        s.details.append(("ellipse", [(cx - r, cy - r), (cx + r, cy + r)], {"fill": _DARK}))
+
+
+@_shape("flower")
+def _draw_flower(s: _Sketch) -> None:
+    m, P, w, h = s.m, s.P, s.w, s.h
+    cx, cy, d, r = 0.5 * (w - 1), 0.33 * (h - 1), 0.27 * w, 0.22 * w
+    for k in range(6):
+        a = k * math.pi / 3
+        px, py = cx + d * math.cos(a), cy + d * math.sin(a)
+        m.ellipse([(px - r, py - r), (px + r, py + r)], fill=255)
+    s.details.append(("line", [P(0.5, 0.5), P(0.5, 1)], {"fill": COLOURS["green"], "width": max(2, w // 14)}))
+    core = (120, 70, 20) if s.obj.colour in ("yellow", "orange") else (245, 200, 40)
+    rc = 0.14 * w
+    s.details.append(("ellipse", [(cx - rc, cy - rc), (cx + rc, cy + rc)], {"fill": core}))
+
+
+@_shape("kite")
+def _draw_kite(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.polygon([P(0.5, 0), P(1, 0.34), P(0.5, 0.76), P(0, 0.34)], fill=255)
+    s.details.append(("line", [P(0.5, 0), P(0.5, 0.76)], {"fill": _DARK, "width": 1}))
+    s.details.append(("line", [P(0, 0.34), P(1, 0.34)], {"fill": _DARK, "width": 1}))
+    s.details.append(("line", [P(0.5, 0.76), P(0.42, 0.84), P(0.56, 0.92), P(0.48, 1)],
+                      {"fill": _DARK, "width": 2}))
+
+
+@_shape("fish")
+def _draw_fish(s: _Sketch) -> None:
+    m, P, w, h = s.m, s.P, s.w, s.h
+    m.ellipse([P(0, 0.12), P(0.76, 0.88)], fill=255)
+    m.polygon([P(0.64, 0.5), P(1, 0), P(1, 1)], fill=255)
+    r = 0.06 * w
+    s.details.append(("ellipse", [(0.17 * w - r, 0.4 * h - r), (0.17 * w + r, 0.4 * h + r)], {"fill": _DARK}))
+
+
+@_shape("umbrella")
+def _draw_umbrella(s: _Sketch) -> None:
+    m, P, w = s.m, s.P, s.w
+    m.pieslice([P(0, 0), P(1, 1.1)], start=180, end=360, fill=255)
+    s.details.append(("line", [P(0.5, 0.52), P(0.5, 0.9)], {"fill": _DARK, "width": max(2, w // 20)}))
+    s.details.append(("arc", [P(0.36, 0.8), P(0.5, 1)], {"start": 0, "end": 180, "fill": _DARK,
+                                                        "width": max(2, w // 20)}))
+
+
+@_shape("bottle")
+def _draw_bottle(s: _Sketch) -> None:
+    m, P, w = s.m, s.P, s.w
+    m.rounded_rectangle([P(0, 0.35), P(1, 1)], radius=max(1, w // 6), fill=255)
+    m.polygon([P(0, 0.36), P(0.3, 0.18), P(0.7, 0.18), P(1, 0.36)], fill=255)
+    m.rectangle([P(0.3, 0.04), P(0.7, 0.2)], fill=255)
+    s.details.append(("rectangle", [P(0.27, 0), P(0.73, 0.08)], {"fill": _DARK}))
+
+
+@_shape("boat")
+def _draw_boat(s: _Sketch) -> None:
+    m, P, w = s.m, s.P, s.w
+    m.polygon([P(0, 0.64), P(1, 0.64), P(0.8, 1), P(0.2, 1)], fill=255)
+    m.polygon([P(0.53, 0.02), P(0.53, 0.58), P(0.92, 0.58)], fill=255)
+    m.polygon([P(0.47, 0.1), P(0.47, 0.58), P(0.12, 0.58)], fill=255)
+    s.details.append(("line", [P(0.5, 0), P(0.5, 0.64)], {"fill": _DARK, "width": max(2, w // 30)}))
+
+
+@_shape("cup")
+def _draw_cup(s: _Sketch) -> None:
+    m, P, w = s.m, s.P, s.w
+    m.polygon([P(0, 0.1), P(0.75, 0.1), P(0.65, 1), P(0.1, 1)], fill=255)
+    s.details.append(("arc", [P(0.6, 0.25), P(1, 0.65)], {"start": 270, "end": 90, "width": max(2, w // 12)}))
+    s.details.append(("line", [P(0, 0.1), P(0.75, 0.1)], {"width": 2}))
+
+
+@_shape("hat")
+def _draw_hat(s: _Sketch) -> None:
+    m, P, w = s.m, s.P, s.w
+    m.rectangle([P(0, 0.78), P(1, 1)], fill=255)
+    m.rounded_rectangle([P(0.22, 0), P(0.78, 0.82)], radius=max(1, w // 10), fill=255)
+    s.details.append(("rectangle", [P(0.22, 0.6), P(0.78, 0.72)], {"fill": _DARK}))
+
+
+@_shape("star")
+def _draw_star(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    pts = []
+    for k in range(10):
+        a = -math.pi / 2 + k * math.pi / 5
+        r = 0.5 if k % 2 == 0 else 0.2
+        pts.append(P(0.5 + r * math.cos(a), 0.52 + r * math.sin(a)))
+    m.polygon(pts, fill=255)
+
+
+@_shape("heart")
+def _draw_heart(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.ellipse([P(0, 0), P(0.54, 0.56)], fill=255)
+    m.ellipse([P(0.46, 0), P(1, 0.56)], fill=255)
+    m.polygon([P(0.02, 0.36), P(0.98, 0.36), P(0.5, 1)], fill=255)
+
+
+@_shape("moon")
+def _draw_moon(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.ellipse([P(0, 0), P(1, 1)], fill=255)
+    m.ellipse([P(0.35, -0.1), P(1.35, 0.9)], fill=0)
+
+
+@_shape("sun")
+def _draw_sun(s: _Sketch) -> None:
+    m, P, w = s.m, s.P, s.w
+    m.ellipse([P(0.2, 0.2), P(0.8, 0.8)], fill=255)
+    for k in range(8):
+        a = k * math.pi / 4
+        m.line([P(0.5 + 0.32 * math.cos(a), 0.5 + 0.32 * math.sin(a)),
+                P(0.5 + 0.5 * math.cos(a), 0.5 + 0.5 * math.sin(a))], fill=255, width=max(2, w // 14))
+
+
+@_shape("cloud")
+def _draw_cloud(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    for box in ((0, 0.35, 0.45, 1), (0.25, 0, 0.75, 0.75), (0.55, 0.3, 1, 1), (0.15, 0.5, 0.85, 1)):
+        m.ellipse([P(box[0], box[1]), P(box[2], box[3])], fill=255)
+
+
+@_shape("apple")
+def _draw_apple(s: _Sketch) -> None:
+    m, P, w = s.m, s.P, s.w
+    m.ellipse([P(0, 0.15), P(0.56, 1)], fill=255)
+    m.ellipse([P(0.44, 0.15), P(1, 1)], fill=255)
+    s.details.append(("line", [P(0.5, 0), P(0.5, 0.22)], {"fill": _TRUNK, "width": max(2, w // 16)}))
+    s.details.append(("ellipse", [P(0.55, 0.02), P(0.8, 0.16)], {"fill": COLOURS["green"]}))
+
+
+@_shape("mushroom")
+def _draw_mushroom(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.pieslice([P(0, 0), P(1, 1.1)], start=180, end=360, fill=255)
+    s.details.append(("rectangle", [P(0.35, 0.5), P(0.65, 1)], {"fill": (235, 225, 200)}))
+
+
+@_shape("clock")
+def _draw_clock(s: _Sketch) -> None:
+    m, P, w = s.m, s.P, s.w
+    m.ellipse([P(0, 0), P(1, 1)], fill=255)
+    s.details.append(("ellipse", [P(0.12, 0.12), P(0.88, 0.88)], {"fill": _LIGHT}))
+    s.details.append(("line", [P(0.5, 0.5), P(0.5, 0.22)], {"fill": _DARK, "width": max(2, w // 16)}))
+    s.details.append(("line", [P(0.5, 0.5), P(0.72, 0.5)], {"fill": _DARK, "width": max(2, w // 16)}))
+
+
+@_shape("chair")
+def _draw_chair(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.rectangle([P(0.1, 0), P(0.9, 0.5)], fill=255)
+    m.rectangle([P(0, 0.5), P(1, 0.62)], fill=255)
+    m.rectangle([P(0.05, 0.6), P(0.17, 1)], fill=255)
+    m.rectangle([P(0.83, 0.6), P(0.95, 1)], fill=255)
+
+
+@_shape("candle")
+def _draw_candle(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.rectangle([P(0.2, 0.22), P(0.8, 1)], fill=255)
+    s.details.append(("ellipse", [P(0.3, 0), P(0.7, 0.22)], {"fill": (250, 170, 30)}))
+
+
+@_shape("key")
+def _draw_key(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.ellipse([P(0, 0), P(0.4, 1)], fill=255)
+    m.rectangle([P(0.35, 0.38), P(1, 0.62)], fill=255)
+    m.rectangle([P(0.75, 0.6), P(0.83, 0.85)], fill=255)
+    m.rectangle([P(0.9, 0.6), P(0.98, 0.9)], fill=255)
+    s.details.append(("ellipse", [P(0.1, 0.3), P(0.26, 0.7)], {"fill": _LIGHT}))
+
+
+@_shape("balloon")
+def _draw_balloon(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.ellipse([P(0, 0), P(1, 0.78)], fill=255)
+    m.polygon([P(0.42, 0.76), P(0.58, 0.76), P(0.5, 0.82)], fill=255)
+    s.details.append(("line", [P(0.5, 0.8), P(0.46, 0.9), P(0.54, 1)], {"fill": _DARK, "width": 1}))
+
+
+@_shape("flag")
+def _draw_flag(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.rectangle([P(0.08, 0.05), P(1, 0.55)], fill=255)
+    s.details.append(("rectangle", [P(0, 0), P(0.08, 1)], {"fill": _DARK}))
+
+
+@_shape("pear")
+def _draw_pear(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.ellipse([P(0, 0.35), P(1, 1)], fill=255)
+    m.ellipse([P(0.22, 0.05), P(0.78, 0.6)], fill=255)
+    s.details.append(("line", [P(0.5, 0), P(0.5, 0.1)], {"fill": _TRUNK, "width": 2}))
+
+
+@_shape("leaf")
+def _draw_leaf(s: _Sketch) -> None:
+    m, P, w = s.m, s.P, s.w
+    m.ellipse([P(0, 0), P(1, 0.9)], fill=255)
+    s.details.append(("line", [P(0.5, 0.05), P(0.5, 1)], {"width": max(2, w // 14)}))
+
+
+@_shape("bell")
+def _draw_bell(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.pieslice([P(0.1, 0), P(0.9, 1.4)], start=180, end=360, fill=255)
+    m.rectangle([P(0.1, 0.68), P(0.9, 0.82)], fill=255)
+    m.polygon([P(0.1, 0.82), P(0.9, 0.82), P(1, 0.88), P(0, 0.88)], fill=255)
+    s.details.append(("ellipse", [P(0.4, 0.82), P(0.6, 1)], {"fill": _DARK}))
+
+
+@_shape("bird")
+def _draw_bird(s: _Sketch) -> None:
+    m, P = s.m, s.P
+    m.ellipse([P(0.1, 0.2), P(0.85, 0.8)], fill=255)
+    m.ellipse([P(0.05, 0.15), P(0.35, 0.5)], fill=255)
+    m.polygon([P(0.78, 0.4), P(1, 0.3), P(1, 0.6)], fill=255)
+    s.details.append(("polygon", [P(0.05, 0.3), P(0.05, 0.38), P(0, 0.35)], {"fill": (240, 160, 30)}))
+    s.details.append(("polygon", [P(0.3, 0.3), P(0.65, 0.2), P(0.55, 0.55)], {}))
+    s.details.append(("ellipse", [P(0.12, 0.3), P(0.2, 0.4)], {"fill": _DARK}))
+
+
 def _draw_object(canvas: Image.Image, obj: DemoObject) -> None:
     """Draw one object: its shape filled with colour + texture, then fixed-colour details."""
     x0, y0, x1, y1 = obj.box
     w, h = x1 - x0, y1 - y0
     mask = Image.new("L", (w, h), 0)
-    m = ImageDraw.Draw(mask)
-    details: list[tuple[str, Any, dict]] = []
-
-    def P(fx: float, fy: float) -> tuple[float, float]:
-        return (fx * (w - 1), fy * (h - 1))
-
-    n = obj.name
-    if n == "ball":
-        m.ellipse([P(0, 0), P(1, 1)], fill=255)
-        details.append(("arc", [P(0.15, 0.15), P(0.85, 0.85)], {"start": 200, "end": 340, "width": 2}))
-    elif n == "box":
-        m.rectangle([P(0, 0.2), P(0.8, 1)], fill=255)
-        m.polygon([P(0, 0.2), P(0.2, 0), P(1, 0), P(0.8, 0.2)], fill=255)
-        m.polygon([P(0.8, 0.2), P(1, 0), P(1, 0.8), P(0.8, 1)], fill=255)
-        details.append(("line", [P(0, 0.2), P(0.8, 0.2), P(1, 0)], {"width": 2}))
-        details.append(("line", [P(0.8, 0.2), P(0.8, 1)], {"width": 2}))
-    elif n == "tree":
-        m.ellipse([P(0, 0), P(1, 0.72)], fill=255)
-        details.append(("rectangle", [P(0.42, 0.66), P(0.58, 1)], {"fill": _TRUNK}))
-    elif n == "house":
-        m.rectangle([P(0.1, 0.45), P(0.9, 1)], fill=255)
-        m.polygon([P(0, 0.48), P(0.5, 0), P(1, 0.48)], fill=255)
-        details.append(("rectangle", [P(0.42, 0.7), P(0.58, 1)], {"fill": _DARK}))
-        details.append(("rectangle", [P(0.18, 0.58), P(0.34, 0.72)], {"fill": _LIGHT}))
-        details.append(("rectangle", [P(0.66, 0.58), P(0.82, 0.72)], {"fill": _LIGHT}))
-    elif n == "car":
-        m.rounded_rectangle([P(0, 0.38), P(1, 0.8)], radius=max(1, h // 8), fill=255)
-        m.polygon([P(0.2, 0.4), P(0.32, 0.06), P(0.7, 0.06), P(0.84, 0.4)], fill=255)
-        details.append(("polygon", [P(0.27, 0.38), P(0.36, 0.14), P(0.66, 0.14), P(0.76, 0.38)],
-                        {"fill": _LIGHT}))
-        r = min(0.2 * h, 0.11 * w)
-        for fx in (0.24, 0.76):
-            cx, cy = fx * (w - 1), h - 1 - r
-            details.append(("ellipse", [(cx - r, cy - r), (cx + r, cy + r)], {"fill": _DARK}))
-    elif n == "flower":
-        cx, cy, d, r = 0.5 * (w - 1), 0.33 * (h - 1), 0.27 * w, 0.22 * w
-        for k in range(6):
-            a = k * math.pi / 3
-            px, py = cx + d * math.cos(a), cy + d * math.sin(a)
-            m.ellipse([(px - r, py - r), (px + r, py + r)], fill=255)
-        details.append(("line", [P(0.5, 0.5), P(0.5, 1)], {"fill": COLOURS["green"], "width": max(2, w // 14)}))
-        core = (120, 70, 20) if obj.colour in ("yellow", "orange") else (245, 200, 40)
-        rc = 0.14 * w
-        details.append(("ellipse", [(cx - rc, cy - rc), (cx + rc, cy + rc)], {"fill": core}))
-    elif n == "kite":
-        m.polygon([P(0.5, 0), P(1, 0.34), P(0.5, 0.76), P(0, 0.34)], fill=255)
-        details.append(("line", [P(0.5, 0), P(0.5, 0.76)], {"fill": _DARK, "width": 1}))
-        details.append(("line", [P(0, 0.34), P(1, 0.34)], {"fill": _DARK, "width": 1}))
-        details.append(("line", [P(0.5, 0.76), P(0.42, 0.84), P(0.56, 0.92), P(0.48, 1)],
-                        {"fill": _DARK, "width": 2}))
-    elif n == "fish":
-        m.ellipse([P(0, 0.12), P(0.76, 0.88)], fill=255)
-        m.polygon([P(0.64, 0.5), P(1, 0), P(1, 1)], fill=255)
-        r = 0.06 * w
-        details.append(("ellipse", [(0.17 * w - r, 0.4 * h - r), (0.17 * w + r, 0.4 * h + r)], {"fill": _DARK}))
-    elif n == "umbrella":
-        m.pieslice([P(0, 0), P(1, 1.1)], start=180, end=360, fill=255)
-        details.append(("line", [P(0.5, 0.52), P(0.5, 0.9)], {"fill": _DARK, "width": max(2, w // 20)}))
-        details.append(("arc", [P(0.36, 0.8), P(0.5, 1)], {"start": 0, "end": 180, "fill": _DARK,
-                                                          "width": max(2, w // 20)}))
-    elif n == "bottle":
-        m.rounded_rectangle([P(0, 0.35), P(1, 1)], radius=max(1, w // 6), fill=255)
-        m.polygon([P(0, 0.36), P(0.3, 0.18), P(0.7, 0.18), P(1, 0.36)], fill=255)
-        m.rectangle([P(0.3, 0.04), P(0.7, 0.2)], fill=255)
-        details.append(("rectangle", [P(0.27, 0), P(0.73, 0.08)], {"fill": _DARK}))
-    elif n == "boat":
-        m.polygon([P(0, 0.64), P(1, 0.64), P(0.8, 1), P(0.2, 1)], fill=255)
-        m.polygon([P(0.53, 0.02), P(0.53, 0.58), P(0.92, 0.58)], fill=255)
-        m.polygon([P(0.47, 0.1), P(0.47, 0.58), P(0.12, 0.58)], fill=255)
-        details.append(("line", [P(0.5, 0), P(0.5, 0.64)], {"fill": _DARK, "width": max(2, w // 30)}))
-    elif n == "cup":
-        m.polygon([P(0, 0.1), P(0.75, 0.1), P(0.65, 1), P(0.1, 1)], fill=255)
-        details.append(("arc", [P(0.6, 0.25), P(1, 0.65)], {"start": 270, "end": 90, "width": max(2, w // 12)}))
-        details.append(("line", [P(0, 0.1), P(0.75, 0.1)], {"width": 2}))
-    elif n == "hat":
-        m.rectangle([P(0, 0.78), P(1, 1)], fill=255)
-        m.rounded_rectangle([P(0.22, 0), P(0.78, 0.82)], radius=max(1, w // 10), fill=255)
-        details.append(("rectangle", [P(0.22, 0.6), P(0.78, 0.72)], {"fill": _DARK}))
-    elif n == "star":
-        pts = []
-        for k in range(10):
-            a = -math.pi / 2 + k * math.pi / 5
-            r = 0.5 if k % 2 == 0 else 0.2
-            pts.append(P(0.5 + r * math.cos(a), 0.52 + r * math.sin(a)))
-        m.polygon(pts, fill=255)
-    elif n == "heart":
-        m.ellipse([P(0, 0), P(0.54, 0.56)], fill=255)
-        m.ellipse([P(0.46, 0), P(1, 0.56)], fill=255)
-        m.polygon([P(0.02, 0.36), P(0.98, 0.36), P(0.5, 1)], fill=255)
-    elif n == "moon":
-        m.ellipse([P(0, 0), P(1, 1)], fill=255)
-        m.ellipse([P(0.35, -0.1), P(1.35, 0.9)], fill=0)
-    elif n == "sun":
-        m.ellipse([P(0.2, 0.2), P(0.8, 0.8)], fill=255)
-        for k in range(8):
-            a = k * math.pi / 4
-            m.line([P(0.5 + 0.32 * math.cos(a), 0.5 + 0.32 * math.sin(a)),
-                    P(0.5 + 0.5 * math.cos(a), 0.5 + 0.5 * math.sin(a))], fill=255, width=max(2, w // 14))
-    elif n == "cloud":
-        for box in ((0, 0.35, 0.45, 1), (0.25, 0, 0.75, 0.75), (0.55, 0.3, 1, 1), (0.15, 0.5, 0.85, 1)):
-            m.ellipse([P(box[0], box[1]), P(box[2], box[3])], fill=255)
-    elif n == "apple":
-        m.ellipse([P(0, 0.15), P(0.56, 1)], fill=255)
-        m.ellipse([P(0.44, 0.15), P(1, 1)], fill=255)
-        details.append(("line", [P(0.5, 0), P(0.5, 0.22)], {"fill": _TRUNK, "width": max(2, w // 16)}))
-        details.append(("ellipse", [P(0.55, 0.02), P(0.8, 0.16)], {"fill": COLOURS["green"]}))
-    elif n == "mushroom":
-        m.pieslice([P(0, 0), P(1, 1.1)], start=180, end=360, fill=255)
-        details.append(("rectangle", [P(0.35, 0.5), P(0.65, 1)], {"fill": (235, 225, 200)}))
-    elif n == "clock":
-        m.ellipse([P(0, 0), P(1, 1)], fill=255)
-        details.append(("ellipse", [P(0.12, 0.12), P(0.88, 0.88)], {"fill": _LIGHT}))
-        details.append(("line", [P(0.5, 0.5), P(0.5, 0.22)], {"fill": _DARK, "width": max(2, w // 16)}))
-        details.append(("line", [P(0.5, 0.5), P(0.72, 0.5)], {"fill": _DARK, "width": max(2, w // 16)}))
-    elif n == "chair":
-        m.rectangle([P(0.1, 0), P(0.9, 0.5)], fill=255)
-        m.rectangle([P(0, 0.5), P(1, 0.62)], fill=255)
-        m.rectangle([P(0.05, 0.6), P(0.17, 1)], fill=255)
-        m.rectangle([P(0.83, 0.6), P(0.95, 1)], fill=255)
-    elif n == "candle":
-        m.rectangle([P(0.2, 0.22), P(0.8, 1)], fill=255)
-        details.append(("ellipse", [P(0.3, 0), P(0.7, 0.22)], {"fill": (250, 170, 30)}))
-    elif n == "key":
-        m.ellipse([P(0, 0), P(0.4, 1)], fill=255)
-        m.rectangle([P(0.35, 0.38), P(1, 0.62)], fill=255)
-        m.rectangle([P(0.75, 0.6), P(0.83, 0.85)], fill=255)
-        m.rectangle([P(0.9, 0.6), P(0.98, 0.9)], fill=255)
-        details.append(("ellipse", [P(0.1, 0.3), P(0.26, 0.7)], {"fill": _LIGHT}))
-    elif n == "balloon":
-        m.ellipse([P(0, 0), P(1, 0.78)], fill=255)
-        m.polygon([P(0.42, 0.76), P(0.58, 0.76), P(0.5, 0.82)], fill=255)
-        details.append(("line", [P(0.5, 0.8), P(0.46, 0.9), P(0.54, 1)], {"fill": _DARK, "width": 1}))
-    elif n == "flag":
-        m.rectangle([P(0.08, 0.05), P(1, 0.55)], fill=255)
-        details.append(("rectangle", [P(0, 0), P(0.08, 1)], {"fill": _DARK}))
-    elif n == "pear":
-        m.ellipse([P(0, 0.35), P(1, 1)], fill=255)
-        m.ellipse([P(0.22, 0.05), P(0.78, 0.6)], fill=255)
-        details.append(("line", [P(0.5, 0), P(0.5, 0.1)], {"fill": _TRUNK, "width": 2}))
-    elif n == "leaf":
-        m.ellipse([P(0, 0), P(1, 0.9)], fill=255)
-        details.append(("line", [P(0.5, 0.05), P(0.5, 1)], {"width": max(2, w // 14)}))
-    elif n == "bell":
-        m.pieslice([P(0.1, 0), P(0.9, 1.4)], start=180, end=360, fill=255)
-        m.rectangle([P(0.1, 0.68), P(0.9, 0.82)], fill=255)
-        m.polygon([P(0.1, 0.82), P(0.9, 0.82), P(1, 0.88), P(0, 0.88)], fill=255)
-        details.append(("ellipse", [P(0.4, 0.82), P(0.6, 1)], {"fill": _DARK}))
-    elif n == "bird":
-        m.ellipse([P(0.1, 0.2), P(0.85, 0.8)], fill=255)
-        m.ellipse([P(0.05, 0.15), P(0.35, 0.5)], fill=255)
-        m.polygon([P(0.78, 0.4), P(1, 0.3), P(1, 0.6)], fill=255)
-        details.append(("polygon", [P(0.05, 0.3), P(0.05, 0.38), P(0, 0.35)], {"fill": (240, 160, 30)}))
-        details.append(("polygon", [P(0.3, 0.3), P(0.65, 0.2), P(0.55, 0.55)], {}))
-        details.append(("ellipse", [P(0.12, 0.3), P(0.2, 0.4)], {"fill": _DARK}))
-    else:  # pragma: no cover - OBJECT_ASPECT and this function list the same classes
-        raise ValueError(f"no drawing for object class {n!r}")
+    sketch = _Sketch(obj, w, h, ImageDraw.Draw(mask), [])
+    if obj.name not in _SHAPES:  # pragma: no cover - OBJECT_ASPECT and _SHAPES list the same classes
+        raise ValueError(f"no drawing for object class {obj.name!r}")
+    _SHAPES[obj.name](sketch)
     patch = _texture((w, h), COLOURS[obj.colour], obj.texture)
     canvas.paste(patch, (x0, y0), mask)
     d = ImageDraw.Draw(canvas)
     edge = _shade(COLOURS[obj.colour])
-    for kind, xy, kw in details:
+    for kind, xy, kw in sketch.details:
         pts = [(x0 + px, y0 + py) for px, py in xy]
         kw = dict(kw)
         kw.setdefault("fill", edge)
@@ -697,6 +841,86 @@ def _params(seed: int, n_train: int, n_gallery: int, image_size: int, synonyms: 
             "image_size": image_size, "synonyms": synonyms}
 
 
+def _vg_annotations(scene: list[DemoObject], scenery: list[Scenery], rng: np.random.Generator,
+                    object_id: int) -> tuple[list[dict], list[dict], int]:
+    """The VG ``objects`` and ``attributes`` entries of one training image — its objects, then their parts and
+    the scenery — numbered from ``object_id``; returns them and the next free id."""
+    objs, attrs = [], []
+    for o in scene:
+        x1, y1, x2, y2 = o.box
+        base = {"object_id": object_id, "x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1,
+                "names": [o.name], "synsets": [f"{o.name}.n.01"]}
+        objs.append({**base, "merged_object_ids": []})
+        # Annotators list salient attributes: colour always, size and texture most of the time.
+        a = [o.colour] + [w for w in (o.size, o.texture) if rng.random() < 0.85]
+        attrs.append({**base, "attributes": a})
+        object_id += 1
+    for name, colour, (x1, y1, x2, y2) in ([(p, None, b) for o in scene for p, b in part_boxes(o)]
+                                           + [(sc.name, sc.colour, sc.box) for sc in scenery]):
+        base = {"object_id": object_id, "x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1,
+                "names": [name], "synsets": [f"{name}.n.01"]}
+        objs.append({**base, "merged_object_ids": []})
+        attrs.append({**base, "attributes": [colour] if colour else []})
+        object_id += 1
+    return objs, attrs, object_id
+
+
+def _write_vg_part(world: DemoWorld) -> None:
+    """The training split as Visual Genome: one image per scene (``default_rng([seed, 0, i])``), then
+    ``image_data.json``, ``objects.json`` and ``attributes.json``."""
+    seed, image_size = world.seed, world.image_size
+    image_data, objects_json, attributes_json = [], [], []
+    object_id = 1
+    for i in range(world.n_train):
+        rng = np.random.default_rng([seed, 0, i])
+        scene = sample_scene(rng, image_size)
+        image_id = i + 1
+        img, scenery = render_scene(rng, scene, image_size)
+        (world.vg_images / f"{image_id}.jpg").write_bytes(_jpeg(img))
+        image_data.append({"width": image_size, "url": f"images/{image_id}.jpg", "height": image_size,
+                           "image_id": image_id, "coco_id": None, "flickr_id": None})
+        objs, attrs, object_id = _vg_annotations(scene, scenery, rng, object_id)
+        objects_json.append({"image_id": image_id, "objects": objs})
+        attributes_json.append({"image_id": image_id, "attributes": attrs})
+    _dump(world.vg_dir / "image_data.json", image_data)
+    _dump(world.vg_dir / "objects.json", objects_json)
+    _dump(world.vg_dir / "attributes.json", attributes_json)
+
+
+def _write_gallery_part(world: DemoWorld, used: dict[str, tuple[str, ...]]) -> dict[str, int]:
+    """The gallery as a Karpathy split file: one image per scene (``default_rng([seed, 1, i])``) with 5
+    captions using the synonyms ``used``; returns the caption word counts (``words``, ``replaced``)."""
+    seed, image_size = world.seed, world.image_size
+    counts = {"words": 0, "replaced": 0}
+    records, sentid = [], 0
+    for i in range(world.n_gallery):
+        rng = np.random.default_rng([seed, 1, i])
+        scene = sample_scene(rng, image_size)
+        filename = f"demo_{i:05d}.jpg"
+        img, scenery = render_scene(rng, scene, image_size)
+        (world.karpathy_root / "images" / filename).write_bytes(_jpeg(img))
+        caps = make_captions(scene, rng, 5, counts, used, scenery)
+        sents = [{"tokens": _tokens(c), "raw": c, "imgid": i, "sentid": sentid + k} for k, c in enumerate(caps)]
+        records.append({"filepath": "images", "sentids": [s["sentid"] for s in sents], "filename": filename,
+                        "imgid": i, "split": "test", "sentences": sents})
+        sentid += len(sents)
+    _dump(world.karpathy_json, {"images": records, "dataset": "demo"})
+    return counts
+
+
+def _write_marker(marker: Path, params: dict[str, Any], counts: dict[str, int],
+                  used: dict[str, tuple[str, ...]], support: dict[str, dict[str, Any]]) -> None:
+    """``demo_world.json``, written last: the parameters, the synonym rate and each synonym's support."""
+    n_sup = sum(r["supported"] for r in support.values())
+    _dump(marker, {"params": params, "synonym_rate": round(counts["replaced"] / max(1, counts["words"]), 4),
+                   "vg_words": list(vg_words()), "synonyms": {k: list(v) for k, v in used.items()},
+                   "synonym_support": {"rule": "supported = the nearest VG-side word by cosine of the GloVe 6B "
+                                                "50d vectors is the intended word; margin = cos(intended) - "
+                                                "max cos(any other VG-side word)",
+                                       "supported": n_sup, "unsupported": len(support) - n_sup,
+                                       "synonyms": support}})
+
+
 def generate_demo_world(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 240, n_gallery: int = 100,
                         image_size: int = 256, overwrite: bool = False, synonyms: str = "supported",
                         vectors: dict[str, np.ndarray] | None = None) -> DemoWorld:
@@ -742,62 +966,9 @@ def generate_demo_world(out_dir: str | os.PathLike, seed: int = 0, n_train: int 
     used = chosen_synonyms(support, synonyms)
     world.vg_images.mkdir(parents=True, exist_ok=True)
     (world.karpathy_root / "images").mkdir(parents=True, exist_ok=True)
-
-    image_data, objects_json, attributes_json = [], [], []
-    object_id = 1
-    for i in range(n_train):
-        rng = np.random.default_rng([seed, 0, i])
-        scene = sample_scene(rng, image_size)
-        image_id = i + 1
-        img, scenery = render_scene(rng, scene, image_size)
-        (world.vg_images / f"{image_id}.jpg").write_bytes(_jpeg(img))
-        image_data.append({"width": image_size, "url": f"images/{image_id}.jpg", "height": image_size,
-                           "image_id": image_id, "coco_id": None, "flickr_id": None})
-        objs, attrs = [], []
-        for o in scene:
-            x1, y1, x2, y2 = o.box
-            base = {"object_id": object_id, "x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1,
-                    "names": [o.name], "synsets": [f"{o.name}.n.01"]}
-            objs.append({**base, "merged_object_ids": []})
-            # Annotators list salient attributes: colour always, size and texture most of the time.
-            a = [o.colour] + [w for w in (o.size, o.texture) if rng.random() < 0.85]
-            attrs.append({**base, "attributes": a})
-            object_id += 1
-        for name, colour, (x1, y1, x2, y2) in ([(p, None, b) for o in scene for p, b in part_boxes(o)]
-                                               + [(sc.name, sc.colour, sc.box) for sc in scenery]):
-            base = {"object_id": object_id, "x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1,
-                    "names": [name], "synsets": [f"{name}.n.01"]}
-            objs.append({**base, "merged_object_ids": []})
-            attrs.append({**base, "attributes": [colour] if colour else []})
-            object_id += 1
-        objects_json.append({"image_id": image_id, "objects": objs})
-        attributes_json.append({"image_id": image_id, "attributes": attrs})
-    _dump(world.vg_dir / "image_data.json", image_data)
-    _dump(world.vg_dir / "objects.json", objects_json)
-    _dump(world.vg_dir / "attributes.json", attributes_json)
-
-    counts = {"words": 0, "replaced": 0}
-    records, sentid = [], 0
-    for i in range(n_gallery):
-        rng = np.random.default_rng([seed, 1, i])
-        scene = sample_scene(rng, image_size)
-        filename = f"demo_{i:05d}.jpg"
-        img, scenery = render_scene(rng, scene, image_size)
-        (world.karpathy_root / "images" / filename).write_bytes(_jpeg(img))
-        caps = make_captions(scene, rng, 5, counts, used, scenery)
-        sents = [{"tokens": _tokens(c), "raw": c, "imgid": i, "sentid": sentid + k} for k, c in enumerate(caps)]
-        records.append({"filepath": "images", "sentids": [s["sentid"] for s in sents], "filename": filename,
-                        "imgid": i, "split": "test", "sentences": sents})
-        sentid += len(sents)
-    _dump(world.karpathy_json, {"images": records, "dataset": "demo"})
-    n_sup = sum(r["supported"] for r in support.values())
-    _dump(marker, {"params": params, "synonym_rate": round(counts["replaced"] / max(1, counts["words"]), 4),
-                   "vg_words": list(vg_words()), "synonyms": {k: list(v) for k, v in used.items()},
-                   "synonym_support": {"rule": "supported = the nearest VG-side word by cosine of the GloVe 6B "
-                                                "50d vectors is the intended word; margin = cos(intended) - "
-                                                "max cos(any other VG-side word)",
-                                       "supported": n_sup, "unsupported": len(support) - n_sup,
-                                       "synonyms": support}})
+    _write_vg_part(world)
+    counts = _write_gallery_part(world, used)
+    _write_marker(marker, params, counts, used, support)
     logger.info("demo world: %d training + %d gallery images at %s (%.0f%% caption words replaced)",
                 n_train, n_gallery, root, 100 * counts["replaced"] / max(1, counts["words"]))
     return world

@@ -103,10 +103,29 @@ def read_vg(path: str, image_root: str | None = None, *, name: str = "vg", split
         errors.count("excluded_overlap", 0)  # asked for: the count is reported even when it is 0
     selecting = splits is None or split in splits
 
+    rows, sizes, known = _read_vg_images(files["image_data.json"], root, split=split, selecting=selecting,
+                                         limit=limit, exclude=(excl_coco, excl_flickr),
+                                         check=local_root and check_files, errors=errors,
+                                         storage_options=storage_options)
+    images = images_table(rows)
+    inputs = {f: fingerprint(files[f], storage_options) for f in VG_FILES
+              if f != "attributes.json" or has_attrs}
+    regions = _iter_regions(files["objects.json"], files["attributes.json"] if has_attrs else None,
+                            sizes, known, errors, batch_images, storage_options)
+    logger.info("VG %s: %d images selected of %d", path, images.num_rows, len(known))
+    return DatasetTables(name=name, images=images, regions=regions, errors=errors, inputs=inputs)
+
+
+def _read_vg_images(src: str, root: str, *, split: str, selecting: bool, limit: int | None,
+                    exclude: tuple[set[int], set[int]], check: bool, errors: ErrorLog,
+                    storage_options: dict | None) -> tuple[list[dict[str, Any]], dict[str, tuple], set[str]]:
+    """The selected image rows of ``image_data.json`` (bad entries, missing files and images that are one of
+    the ``exclude`` (COCO ids, Flickr ids) to ``errors``), their (width, height) by image id and the ids of
+    every usable image, selected or not."""
+    excl_coco, excl_flickr = exclude
     rows: list[dict[str, Any]] = []
     sizes: dict[str, tuple[int | None, int | None]] = {}
     known: set[str] = set()
-    src = files["image_data.json"]
     for i, rec in enumerate(iter_json_items(src, "item", expect="[", storage_options=storage_options)):
         pos = f"item {i}"
         if not isinstance(rec, dict):
@@ -130,20 +149,14 @@ def read_vg(path: str, image_root: str | None = None, *, name: str = "vg", split
         if (rec.get("width") is not None and not width) or (rec.get("height") is not None and not height):
             errors.count("bad_image_size")
             width = height = None
-        uri = _resolve_image(root, rec.get("url"), image_id, local_root and check_files)
+        uri = _resolve_image(root, rec.get("url"), image_id, check)
         if uri is None:
             errors.add(src, pos, "image_not_found",
                        f"image {image_id}: no file under {root} for url {rec.get('url')!r}")
             continue
         rows.append({"image_id": image_id, "uri": uri, "split": split, "width": width, "height": height})
         sizes[image_id] = (width, height)
-    images = images_table(rows)
-    inputs = {f: fingerprint(files[f], storage_options) for f in VG_FILES
-              if f != "attributes.json" or has_attrs}
-    regions = _iter_regions(files["objects.json"], files["attributes.json"] if has_attrs else None,
-                            sizes, known, errors, batch_images, storage_options)
-    logger.info("VG %s: %d images selected of %d", path, images.num_rows, len(known))
-    return DatasetTables(name=name, images=images, regions=regions, errors=errors, inputs=inputs)
+    return rows, sizes, known
 
 
 def _resolve_image(root: str, url: Any, image_id: str, check: bool) -> str | None:

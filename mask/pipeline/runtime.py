@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,13 +55,39 @@ def init_ray(cfg: MaskConfig) -> None:
             prior = os.environ.get("PYTHONWARNINGS")
             if not prior or quiet not in prior:
                 os.environ["PYTHONWARNINGS"] = f"{prior},{quiet}" if prior else quiet
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+            port = _free_local_port()
+            # Ray's own components (Ray Train's PlacementGroupCleaner asks the state API every second whether
+            # the training controller is alive) find the API server by auto-detecting "the" Ray on the
+            # machine: with no dashboard, or with several Ray instances on one machine, they ask a missing
+            # server or another instance's GCS (40 s timeouts), and the cleaner's stop times out with a
+            # GetTimeoutError traceback at the end of every training.  Ray's
+            # RAY_API_SERVER_ADDRESS, inherited by this instance's workers, names this instance's dashboard.
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            # Ray's "Started a local Ray instance. View the dashboard at ..." line carries ANSI colour codes
+            # whatever stderr is; below DEBUG it is lowered (Python's logger level) and said once, plainly
+            ray_worker_log = logging.getLogger("ray._private.worker")
+            level = ray_worker_log.level
+            if not logger.isEnabledFor(logging.DEBUG):
+                ray_worker_log.setLevel(logging.WARNING)
+            try:
+                ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True,
+                         dashboard_host="127.0.0.1", dashboard_port=port)
+            finally:
+                ray_worker_log.setLevel(level)
+            logger.info("started a local Ray; its dashboard: http://127.0.0.1:%d", port)
     # Ray Data's own progress bars, quiet per-operator logs (also when Ray was started by the caller).
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.verbose_stats_logs = False
     # before any work: a node-local storage root on a multi-node / autoscaling cluster is refused
     check_storage_reachable(cfg)
+
+
+def _free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the local Ray's dashboard takes it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass
