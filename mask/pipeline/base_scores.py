@@ -38,6 +38,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -393,8 +394,6 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
     Raises:
         BaseScoresError: no image of the gallery could be used (the errors are committed first).
     """
-    import ray
-
     clip = cfg.clip
     rel = base_scores_rel(gallery, clip)
     ident = {"clip": clip.model_dump(mode="json", exclude=set(CLIP_EXECUTION_FIELDS)),
@@ -409,15 +408,58 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
 
     init_ray(cfg)
     t0 = time.perf_counter()
+    emb, txt, errors = _embed_gallery(cfg, images, captions)
+    all_ids = images.column("image_id").to_pylist()
+    caption_ids_all = captions.column("caption_id").to_pylist()
+    sim = _similarity(all_ids, captions, emb, txt)
+    secs = time.perf_counter() - t0
+
+    kinds: dict[str, int] = {}
+    for e in errors:
+        k = f"{e['stage']}.{e['error']}"
+        kinds[k] = kinds.get(k, 0) + 1
+    summary = {"uri": store.uri(rel), "reused": False, "gallery": gallery, "model": clip.model,
+               "pretrained": weights_label(clip.pretrained), "shape": list(sim.scores.shape),
+               "images": len(all_ids), "scored_images": len(sim.rows), "errors": len(errors),
+               "errors_by_kind": dict(sorted(kinds.items())), "captions": len(caption_ids_all),
+               "excluded_captions": len(sim.excluded_caps), "embedding_dim": sim.dim,
+               "actors": list(clip.pool_sizes()), "gpus_per_actor": clip.num_gpus, "seconds": round(secs, 3),
+               "inputs_per_s": round((len(all_ids) + len(caption_ids_all)) / secs, 3) if secs > 0 else 0.0}
+    run_id = getattr(tracker, "run_id", None)
+
+    err_table = pa.table({k: pa.array([e.get(k) for e in errors], pa.string()) for k in ERRORS_SCHEMA.names},
+                         schema=ERRORS_SCHEMA)
+    with store.open_artifact(f"{rel}/_errors", kind="base_scores.errors", config_hash=h,
+                             inputs={"gallery": gallery}) as w:
+        w.write_part(err_table, name="errors")
+        w.commit(mlflow_run_id=run_id)
+    if not sim.rows:  # nothing to commit as scores: a rerun tries again
+        if tracker is not None:
+            tracker.log_metrics({"base_scores.errors": float(len(errors))})
+        raise BaseScoresError(f"gallery {gallery}: none of its {len(all_ids)} images could be used; "
+                              f"see {store.uri(rel, '_errors')}")
+    _commit_scores(store, rel, h, ident, gallery, clip, sim, errors, summary, run_id)
+    if tracker is not None:
+        tracker.log_metrics({f"base_scores.{k}": float(v) for k, v in summary.items()
+                             if isinstance(v, int | float) and not isinstance(v, bool)})
+        tracker.set_tags({"base_scores.uri": store.uri(rel)})
+        tracker.log_dict(summary, f"base_scores_{gallery}.json")
+    logger.info("base scores %s: %s", gallery, summary)
+    return summary
+
+
+def _embed_gallery(cfg: MaskConfig, images: pa.Table, captions: pa.Table
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[dict[str, str]]]:
+    """One Ray Data pass: images (decode + preprocess in CPU tasks) and captions → both towers in one
+    actor pool.  Returns (image id → embedding, caption id → embedding, error rows of unusable images)."""
+    import ray
+
+    clip = cfg.clip
     ensure_gpus(cfg, "clip.num_gpus", clip.num_gpus)
     pcfg = preprocess_config(clip)
     bs = clip.batch_size
     opts = cfg.storage.options
-
-    # one pass: images (decode + preprocess in CPU tasks) and captions → both towers in one actor pool
-    all_ids = images.column("image_id").to_pylist()
-    caption_ids_all = captions.column("caption_id").to_pylist()
-    n_img, n_cap = len(all_ids), len(caption_ids_all)
+    n_img, n_cap = images.num_rows, captions.num_rows
     img_in = pa.table({"kind": pa.array(["image"] * n_img, pa.string()), "id": images.column("image_id"),
                        "uri": images.column("uri"), "text": pa.nulls(n_img, pa.string())}, schema=INPUT_SCHEMA)
     cap_in = pa.table({"kind": pa.array(["caption"] * n_cap, pa.string()), "id": captions.column("caption_id"),
@@ -440,61 +482,55 @@ def compute_base_scores(cfg: MaskConfig, store: Store, gallery: str, images: pa.
                 errors.append({"image_id": r["id"], **{k: r[k] for k in ("uri", "stage", "error", "message")}})
             else:
                 emb[r["id"]] = np.asarray(r["embedding"], np.float32)
+    return emb, txt, errors
+
+
+@dataclass
+class _Similarity:
+    """The scored matrix: rows (usable images, gallery order) × columns (their captions)."""
+
+    rows: list[str]
+    col_ids: list[str]
+    caption_image: list[int]
+    excluded_caps: list[str]  # captions of images that could not be used
+    dim: int
+    scores: np.ndarray  # (N, C)
+
+
+def _similarity(all_ids: list[str], captions: pa.Table, emb: dict[str, np.ndarray],
+                txt: dict[str, np.ndarray]) -> _Similarity:
+    """The cosine matrix of the usable images (``emb``) and their captions."""
+    caption_ids_all = captions.column("caption_id").to_pylist()
     rows = [i for i in all_ids if i in emb]
     order, caption_image = caption_order(rows, captions)
     kept_caps = set(order)
-    excluded_caps = [caption_ids_all[j] for j in range(n_cap) if j not in kept_caps]
+    excluded_caps = [caption_ids_all[j] for j in range(len(caption_ids_all)) if j not in kept_caps]
     col_ids = [caption_ids_all[j] for j in order]
     dim = int(next(iter(emb.values())).shape[0]) if emb else 0
     img_mat = np.stack([emb[i] for i in rows]) if rows else np.zeros((0, dim), np.float32)  # (N, D)
     txt_mat = np.stack([txt[c] for c in col_ids]) if col_ids else np.zeros((0, dim), np.float32)  # (C, D)
     scores = (img_mat @ txt_mat.T).astype(np.float32)  # (N, C) cosine: both sides are unit vectors
-    secs = time.perf_counter() - t0
+    return _Similarity(rows=rows, col_ids=col_ids, caption_image=caption_image, excluded_caps=excluded_caps,
+                       dim=dim, scores=scores)
 
-    kinds: dict[str, int] = {}
-    for e in errors:
-        k = f"{e['stage']}.{e['error']}"
-        kinds[k] = kinds.get(k, 0) + 1
-    summary = {"uri": store.uri(rel), "reused": False, "gallery": gallery, "model": clip.model,
-               "pretrained": weights_label(clip.pretrained), "shape": list(scores.shape),
-               "images": len(all_ids), "scored_images": len(rows), "errors": len(errors),
-               "errors_by_kind": dict(sorted(kinds.items())), "captions": len(caption_ids_all),
-               "excluded_captions": len(excluded_caps), "embedding_dim": dim,
-               "actors": list(clip.pool_sizes()), "gpus_per_actor": clip.num_gpus, "seconds": round(secs, 3),
-               "inputs_per_s": round((n_img + n_cap) / secs, 3) if secs > 0 else 0.0}
-    run_id = getattr(tracker, "run_id", None)
 
-    err_table = pa.table({k: pa.array([e.get(k) for e in errors], pa.string()) for k in ERRORS_SCHEMA.names},
-                         schema=ERRORS_SCHEMA)
-    with store.open_artifact(f"{rel}/_errors", kind="base_scores.errors", config_hash=h,
-                             inputs={"gallery": gallery}) as w:
-        w.write_part(err_table, name="errors")
-        w.commit(mlflow_run_id=run_id)
-    if not rows:  # nothing to commit as scores: a rerun tries again
-        if tracker is not None:
-            tracker.log_metrics({"base_scores.errors": float(len(errors))})
-        raise BaseScoresError(f"gallery {gallery}: none of its {len(all_ids)} images could be used; "
-                              f"see {store.uri(rel, '_errors')}")
-    ids = {"image_ids": rows, "caption_ids": col_ids, "caption_image": caption_image,
+def _commit_scores(store: Store, rel: str, h: str, ident: dict[str, Any], gallery: str, clip: ClipConfig,
+                   sim: _Similarity, errors: list[dict[str, str]], summary: dict[str, Any],
+                   run_id: str | None) -> None:
+    """Commit the base-scores artifact: ``scores.npy``, ``ids.json`` and the summary in its manifest."""
+    ids = {"image_ids": sim.rows, "caption_ids": sim.col_ids, "caption_image": sim.caption_image,
            "excluded_image_ids": [e["image_id"] for e in errors],
-           "excluded_caption_ids": excluded_caps,
+           "excluded_caption_ids": sim.excluded_caps,
            "similarity": "cosine of L2-normalised open_clip embeddings (no logit_scale)",
            "model": clip.model, "pretrained": None if clip.pretrained is None else redact_text(clip.pretrained),
            "architecture": clip.architecture, "precision": clip.precision}
     with store.open_artifact(rel, kind="base_scores", config_hash=h,
                              inputs={"gallery": gallery, "weights": ident["weights"],
                                      "gallery_fingerprint": ident["gallery"]}) as w:
-        w.write_file(SCORES_FILE, _npy_bytes(scores))
+        w.write_file(SCORES_FILE, _npy_bytes(sim.scores))
         w.write_file(IDS_FILE, json.dumps(ids).encode())
         w.commit(mlflow_run_id=run_id, extra={"summary": {k: v for k, v in summary.items()
                                                           if k not in ("uri", "reused")}})
-    if tracker is not None:
-        tracker.log_metrics({f"base_scores.{k}": float(v) for k, v in summary.items()
-                             if isinstance(v, int | float) and not isinstance(v, bool)})
-        tracker.set_tags({"base_scores.uri": store.uri(rel)})
-        tracker.log_dict(summary, f"base_scores_{gallery}.json")
-    logger.info("base scores %s: %s", gallery, summary)
-    return summary
 
 
 def base_scores_job(cfg: MaskConfig) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 :func:`evaluate_gallery` (the main job, when the config names a gallery): gallery features (detected
 boxes) → μ → a committed index (:func:`mask.pipeline.index.build_index`, as ``score_gallery``) → MASK and
-its ablations on the index's order (:func:`mask.evaluation.evaluate`) → the R@K table, logged to MLflow.  :func:`evaluate_job` (``jobs/evaluate.py``): R@1/5/10 both ways and Rs of a committed index,
-or of a dense score file in its order, by an evaluation protocol (:data:`PROTOCOLS`).
+its ablations on the index's order (:func:`mask.evaluation.evaluate`) → the R@K table, logged to MLflow.
+
+:func:`evaluate_job` (``jobs/evaluate.py``): R@1/5/10 both ways and Rs of a committed index, or of a
+dense score file in its order, by an evaluation protocol (:data:`PROTOCOLS`).
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def evaluate_gallery(ctx: JobContext, knowledge: ResolvedKnowledge, det_weights:
     gallery = ensure_dataset(ctx, gcfg, run.run_id)
     if gallery.get("captions") is None:
         raise GalleryError(f"gallery {gcfg.name}: the dataset has no captions")
-    index = _committed_index(ctx, knowledge, gallery, det_weights, run)
-    o = index_order(store, index["rel"])
-    mrel = read_index_file(store, index["rel"], "index.json")["mu"]
+    index = ensure_index(ctx, run, knowledge, gallery, lambda: det_weights)
+    run.log_params({"index.version": index.version})
+    run.log_metrics({f"index.mask.{k}": float(v) for k, v in index.metrics["mask"].items()})
+    o = index_order(store, index.rel)
+    mrel = read_index_file(store, index.rel, "index.json")["mu"]
     captions = pa.table({"caption_id": o.caption_ids, "image_id": o.caption_image, "text": o.texts})
     results = evaluate(cfg, knowledge.table, o.image_ids, read_mu(store, mrel, o.image_ids), captions)
     md = format_table(results)
@@ -77,20 +81,11 @@ def evaluate_gallery(ctx: JobContext, knowledge: ResolvedKnowledge, det_weights:
                 run.log_metrics({f"finetune.{k}": v for k, v in h.items()}, step=i)
         run.log_metrics({f"finetune.{k}": float(v) for k, v in ft.items()})
     run.log_text(md, "evaluation.md")
-    return {"gallery": gcfg.name, "images": len(o.image_ids), "features": index["features"], "table": md,
-            "mu": store.uri(mrel), "index": {k: index[k] for k in ("uri", "version", "reused", "metrics")},
+    features = index.build.features if index.build else {"reused_index": True}
+    return {"gallery": gcfg.name, "images": len(o.image_ids), "features": features, "table": md,
+            "mu": store.uri(mrel), "index": {"uri": store.uri(index.rel), "version": index.version,
+                                             "reused": index.reused, "metrics": index.metrics["mask"]},
             **results}
-
-
-def _committed_index(ctx: JobContext, knowledge: ResolvedKnowledge, gallery: dict[str, Any],
-                     det_weights: str | None, run) -> dict[str, Any]:
-    """The gallery's index for this knowledge (:func:`mask.pipeline.index.ensure_index`), logged to the run."""
-    index = ensure_index(ctx, run, knowledge, gallery, lambda: det_weights)
-    run.log_params({"index.version": index.version})
-    run.log_metrics({f"index.mask.{k}": float(v) for k, v in index.metrics["mask"].items()})
-    return {"rel": index.rel, "uri": ctx.store.uri(index.rel), "version": index.version, "reused": index.reused,
-            "metrics": index.metrics["mask"],
-            "features": index.build.features if index.build else {"reused_index": True}}
 
 
 PROTOCOLS = ("all", "flickr30k-1k", "coco-5k", "coco-5fold-1k")

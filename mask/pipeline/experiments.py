@@ -286,8 +286,6 @@ def run_experiments(cfg: MaskConfig, plan: Plan, *, name: str | None = None, out
     Returns:
         A summary: name, storage folder, times per part, the result files, the report folder.
     """
-
-
     check_settings(cfg)
     if cfg.gallery is None:
         raise ExperimentError("gallery: the experiments score a gallery; the config names none")
@@ -304,61 +302,25 @@ def run_experiments(cfg: MaskConfig, plan: Plan, *, name: str | None = None, out
     if plan.threads:
         torch.set_num_threads(plan.threads)
     results: dict[str, dict[int, dict[str, Any]]] = {}
+    out = out_dir or str(Path("reports") / f"experiments-{name}")
     with tracking.start_run(cfg.tracking, store.root, f"experiments:{name}", params=cfg.flat(),
                             tags={"job": "experiments"}) as run:
         run.log_params({"experiments.name": name, "experiments.epochs": epochs,
                         "experiments.seeds": json.dumps(plan.seeds), "experiments.settings": json.dumps(sorted(settings))})
-        # inputs: one per caption mode (the parse is part of the inputs)
         t0 = time.perf_counter()
-        spec = parse_space({"validation": {"fraction": 1.0, "seed": 0}})
-        inputs: dict[str, str] = {}
-        for mode in ("content", "tokens"):
-            c = cfg if cfg.text.mode == mode else \
-                cfg.model_copy(update={"text": cfg.text.model_copy(update={"mode": mode})})
-            mctx = JobContext.from_config(c)
-            rel = f"experiments/{name}/inputs-{mode}"
-            if store.committed(rel, inputs_hash(c, spec, store)) is None:
-                init_ray(cfg)  # only to compute inputs: a rerun on committed inputs starts no Ray
-            prepare_inputs(mctx, spec, rel, run)
-            inputs[mode] = rel
-        data = load_sweep_data(store, inputs["content"], splits=("val",))
-        galleries = {"content": data.galleries["val"]}
-        tok = load_gallery(store, inputs["tokens"], read_inputs(store, inputs["tokens"]), "val")
-        if tok is not None:
-            galleries["tokens"] = tok
-        gallery_desc = {"name": cfg.gallery.name, "images": len(galleries["content"].image_ids),
-                        "captions": len(galleries["content"].texts)}
+        inputs, data, galleries, gallery_desc = _experiment_inputs(cfg, store, name, run)
         _part(times, "inputs", t0, say)
         # trainings
         t0 = time.perf_counter()
         if "train" in plan.parts:
             for sname, over in settings.items():
                 for seed in plan.seeds:
-                    scfg = _with(cfg, over, seed)
-                    h = fingerprint({"cfg": {k: v for k, v in scfg.model_dump(mode="json").items()
-                                             if k not in ("storage", "tracking", "ray")},
-                                     "epochs": epochs, "plan": plan.model_dump(mode="json", exclude={"parts", "settings",
-                                                                                                     "seeds", "threads"}),
-                                     "inputs": [store.manifest(r).get("config_hash") for r in inputs.values()],
-                                     "full": sname == "default"})[:16]
-                    rel = f"experiments/{name}/runs/{sname}-s{seed}"
-                    if store.committed(rel, h) is not None:
-                        res = json.loads(store.read_file(rel, "result.json"))
-                        say(f"[experiments] {sname} seed {seed}: reused")
-                    else:
-                        ts = time.perf_counter()
-                        res = train_and_evaluate(scfg, plan, data, galleries, epochs, full=sname == "default")
-                        res.update(setting=sname, seed=seed, overrides=over, epochs=epochs, gallery=gallery_desc)
-                        with store.open_artifact(rel, kind=RESULT_KIND, config_hash=h) as w:
-                            w.write_file("result.json", json.dumps(res, sort_keys=True, default=float).encode())
-                            w.commit(mlflow_run_id=run.run_id)
-                        say(f"[experiments] {sname} seed {seed}: Rs {res['mask.cos']['rsum']:.1f} (cos) "
-                            f"{res['mask.dot']['rsum']:.1f} (dot) in {time.perf_counter() - ts:.0f} s")
-                    results.setdefault(sname, {})[seed] = res
+                    results.setdefault(sname, {})[seed] = _setting_run(
+                        cfg, plan, store, run, name, sname, over, seed, epochs, inputs, data, galleries,
+                        gallery_desc, say)
                 if "report" in plan.parts:  # a partial report after every setting (an interrupted run still has one)
-
-                    write_experiment_report(results, cfg, plan, out_dir or str(Path("reports") / f"experiments-{name}"),
-                                            gallery_desc, {**times, "train (so far)": time.perf_counter() - t0})
+                    write_experiment_report(results, cfg, plan, out, gallery_desc,
+                                            {**times, "train (so far)": time.perf_counter() - t0})
         _part(times, "train", t0, say)
         t0 = time.perf_counter()
         _part(times, "heldout", t0, say)  # computed with each default-setting run (it needs its knowledge)
@@ -366,26 +328,88 @@ def run_experiments(cfg: MaskConfig, plan: Plan, *, name: str | None = None, out
         report: dict[str, Any] = {}
         if "report" in plan.parts and results:
             t0 = time.perf_counter()
-
-            out = out_dir or str(Path("reports") / f"experiments-{name}")
-            report = write_experiment_report(results, cfg, plan, out, gallery_desc, times)
-            for f in sorted(Path(out).iterdir()):
-                if f.is_file():
-                    run.log_artifact(str(f), "experiments")
-            if run_ids:  # then jobs/report.py's report on the same runs (MLflow view of them)
-
-                try:
-                    report["mlflow_report"] = make_report(cfg, run_ids=run_ids, out_dir=str(Path(out) / "mlflow-report"),
-                                                          log_run=True)["out"]
-                except ReportError as e:
-                    logger.warning("jobs/report.py on the experiment runs: %s", e)
-                    report["mlflow_report_error"] = str(e)
+            report = _final_report(cfg, plan, run, results, out, gallery_desc, times, run_ids)
             _part(times, "report", t0, say)
         times["total"] = time.perf_counter() - t_all
         run.log_metrics({f"time.{k}": v for k, v in times.items()})
         return {"name": name, "storage": store.uri("experiments", name), "times": times, "report": report,
                 "settings": sorted(results), "seeds": plan.seeds, "epochs": epochs, "gallery": gallery_desc,
                 "mlflow": {"run_id": run.run_id}}
+
+
+def _experiment_inputs(cfg: MaskConfig, store: Store, name: str, run) -> tuple[dict[str, str], Any,
+                                                                               dict[str, Any], dict[str, Any]]:
+    """The experiments' inputs, one per caption mode (the parse is part of the inputs), computed or reused.
+
+    Returns:
+        (mode → inputs artifact, the training data, caption mode → validation gallery, the gallery's
+        description for the report).
+    """
+    spec = parse_space({"validation": {"fraction": 1.0, "seed": 0}})
+    inputs: dict[str, str] = {}
+    for mode in ("content", "tokens"):
+        c = cfg if cfg.text.mode == mode else \
+            cfg.model_copy(update={"text": cfg.text.model_copy(update={"mode": mode})})
+        mctx = JobContext.from_config(c)
+        rel = f"experiments/{name}/inputs-{mode}"
+        if store.committed(rel, inputs_hash(c, spec, store)) is None:
+            init_ray(cfg)  # only to compute inputs: a rerun on committed inputs starts no Ray
+        prepare_inputs(mctx, spec, rel, run)
+        inputs[mode] = rel
+    data = load_sweep_data(store, inputs["content"], splits=("val",))
+    galleries = {"content": data.galleries["val"]}
+    tok = load_gallery(store, inputs["tokens"], read_inputs(store, inputs["tokens"]), "val")
+    if tok is not None:
+        galleries["tokens"] = tok
+    gallery_desc = {"name": cfg.gallery.name, "images": len(galleries["content"].image_ids),
+                    "captions": len(galleries["content"].texts)}
+    return inputs, data, galleries, gallery_desc
+
+
+def _setting_run(cfg: MaskConfig, plan: Plan, store: Store, run, name: str, sname: str, over: dict[str, Any],
+                 seed: int, epochs: int, inputs: dict[str, str], data, galleries: dict[str, Any],
+                 gallery_desc: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """One training of setting ``sname`` with ``seed``: its committed result, or trained, evaluated and
+    committed (``experiments/<name>/runs/<setting>-s<seed>``)."""
+    scfg = _with(cfg, over, seed)
+    h = fingerprint({"cfg": {k: v for k, v in scfg.model_dump(mode="json").items()
+                             if k not in ("storage", "tracking", "ray")},
+                     "epochs": epochs, "plan": plan.model_dump(mode="json", exclude={"parts", "settings",
+                                                                                     "seeds", "threads"}),
+                     "inputs": [store.manifest(r).get("config_hash") for r in inputs.values()],
+                     "full": sname == "default"})[:16]
+    rel = f"experiments/{name}/runs/{sname}-s{seed}"
+    if store.committed(rel, h) is not None:
+        res = json.loads(store.read_file(rel, "result.json"))
+        say(f"[experiments] {sname} seed {seed}: reused")
+        return res
+    ts = time.perf_counter()
+    res = train_and_evaluate(scfg, plan, data, galleries, epochs, full=sname == "default")
+    res.update(setting=sname, seed=seed, overrides=over, epochs=epochs, gallery=gallery_desc)
+    with store.open_artifact(rel, kind=RESULT_KIND, config_hash=h) as w:
+        w.write_file("result.json", json.dumps(res, sort_keys=True, default=float).encode())
+        w.commit(mlflow_run_id=run.run_id)
+    say(f"[experiments] {sname} seed {seed}: Rs {res['mask.cos']['rsum']:.1f} (cos) "
+        f"{res['mask.dot']['rsum']:.1f} (dot) in {time.perf_counter() - ts:.0f} s")
+    return res
+
+
+def _final_report(cfg: MaskConfig, plan: Plan, run, results: dict[str, dict[int, dict[str, Any]]], out: str,
+                  gallery_desc: dict[str, Any], times: dict[str, float], run_ids: list[str]) -> dict[str, Any]:
+    """The experiment report in ``out`` (logged as the run's artifacts), then jobs/report.py's report on
+    the child runs (``run_ids``, the MLflow view of them)."""
+    report = write_experiment_report(results, cfg, plan, out, gallery_desc, times)
+    for f in sorted(Path(out).iterdir()):
+        if f.is_file():
+            run.log_artifact(str(f), "experiments")
+    if run_ids:  # then jobs/report.py's report on the same runs (MLflow view of them)
+        try:
+            report["mlflow_report"] = make_report(cfg, run_ids=run_ids, out_dir=str(Path(out) / "mlflow-report"),
+                                                  log_run=True)["out"]
+        except ReportError as e:
+            logger.warning("jobs/report.py on the experiment runs: %s", e)
+            report["mlflow_report_error"] = str(e)
+    return report
 
 
 def log_child_runs(cfg: MaskConfig, store: Store, results: dict[str, dict[int, dict[str, Any]]],

@@ -415,11 +415,56 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
     Raises:
         Whatever the Ray Data pipeline raised (after committing the batches that had finished).
     """
-    import ray
-
     det = det or cfg.detector
     rel = features_rel(dataset, det)
     swept = sweep_dead_runs(store, rel, det.run_ttl_s)
+    plan = _plan_extraction(cfg, store, rel, images)
+    todo = plan.todo
+    if det.mode == "given":
+        if regions is None:
+            raise ValueError(f"detector mode 'given' needs ground-truth regions for dataset {dataset!r}")
+        if callable(regions):  # read only the regions of the images still to extract
+            regions = regions(todo.column("image_id").to_pylist()) if todo.num_rows else None
+        todo = _attach_boxes(todo, regions) if regions is not None else todo
+    if plan.changed:
+        logger.info("features %s: %d images changed since they were extracted (new source stamp); extracting "
+                    "them again", dataset, len(plan.changed))
+    summary: dict[str, Any] = {"features_uri": store.uri(rel), "images": len(plan.ids),
+                               "done_before": len(plan.ids) - todo.num_rows, "changed": len(plan.changed),
+                               "swept_parts": swept["orphans"], "commits": 0}
+    t0 = time.perf_counter()
+    commits = _ExtractionCommits(store, rel, dataset, det, plan, summary, tracker)
+    if todo.num_rows:
+        ensure_gpus(cfg, "detector.num_gpus", det.num_gpus)
+        lo, hi = det.pool_sizes()
+        summary.update(min_actors=lo, max_actors=hi, gpus_per_actor=det.num_gpus, cpus_per_actor=det.num_cpus)
+        _run_pipeline(cfg, det, store, rel, dataset, todo, detector_weights, commits)
+    secs = time.perf_counter() - t0
+    metas = commits.metas
+    if not todo.num_rows:
+        commits.commit()  # creates empty artifacts on a first run with nothing to do; drops settled stale rows
+    kinds = _error_kinds(metas)
+    summary.update(_batch_summary(metas, kinds, secs))
+    _log_extraction(tracker, dataset, summary, kinds)
+    return summary
+
+
+class _ExtractionPlan:
+    """Which images of a run are still to extract: ``todo`` (with its ``source_stamp`` column), the
+    ``changed`` ones (committed from another source stamp), and ``settled_stale`` ones (a current row
+    and a stale one: a run that died between its two commits)."""
+
+    def __init__(self, ids: list[str], current: dict[str, str | None], todo: pa.Table,
+                 changed: set[str], settled_stale: set[str]):
+        self.ids = ids
+        self.current = current
+        self.todo = todo
+        self.changed = changed
+        self.settled_stale = settled_stale
+
+
+def _plan_extraction(cfg: MaskConfig, store: Store, rel: str, images: pa.Table) -> _ExtractionPlan:
+    """Compare ``images``' current source stamps with the committed rows of ``rel``: what is left to do."""
     have = committed_stamps(store, rel)
     ids = images.column("image_id").to_pylist()
     stamps = source_stamps([str(u) for u in images.column("uri").to_pylist()], cfg.storage.options)
@@ -435,106 +480,133 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
     settled_stale = {i for i in ids if i in have and done(i) and current[i] is not None and len(have[i]) > 1}
     todo = images.filter(pa.array(todo_mask)).append_column(
         "source_stamp", pa.array([s for s, t in zip(stamps, todo_mask, strict=True) if t], pa.string()))
-    if det.mode == "given":
-        if regions is None:
-            raise ValueError(f"detector mode 'given' needs ground-truth regions for dataset {dataset!r}")
-        if callable(regions):  # read only the regions of the images still to extract
-            regions = regions(todo.column("image_id").to_pylist()) if todo.num_rows else None
-        todo = _attach_boxes(todo, regions) if regions is not None else todo
-    if changed:
-        logger.info("features %s: %d images changed since they were extracted (new source stamp); extracting "
-                    "them again", dataset, len(changed))
-    summary: dict[str, Any] = {"features_uri": store.uri(rel), "images": len(ids),
-                               "done_before": len(ids) - todo.num_rows, "changed": len(changed),
-                               "swept_parts": swept["orphans"], "commits": 0}
-    t0 = time.perf_counter()
-    metas: list[dict] = []
-    committed_upto = 0
-    run_dir = f"run-{uuid.uuid4().hex[:12]}"
+    return _ExtractionPlan(ids, current, todo, changed, settled_stale)
 
-    def commit() -> None:
-        nonlocal committed_upto, settled_stale
-        new = metas[committed_upto:]
+
+class _ExtractionCommits:
+    """The driver's commit state: the metadata rows of the finished batches (``metas``), how many of
+    them are committed, and :meth:`commit`, which appends the rest to the features and ``_errors``
+    artifacts (one atomic manifest write each) and retires the rows they supersede."""
+
+    def __init__(self, store: Store, rel: str, dataset: str, det: DetectorConfig, plan: _ExtractionPlan,
+                 summary: dict[str, Any], tracker: Any):
+        self.store, self.rel, self.dataset, self.det = store, rel, dataset, det
+        self.plan, self.summary, self.tracker = plan, summary, tracker
+        self.metas: list[dict] = []
+        self.committed_upto = 0
+        self.settled_stale = plan.settled_stale
+        self.run_dir = f"run-{uuid.uuid4().hex[:12]}"
+
+    def pending(self) -> int:
+        """Finished batches not committed yet."""
+        return len(self.metas) - self.committed_upto
+
+    def commit(self) -> None:
+        new = self.metas[self.committed_upto:]
         parts = sorted({m["part"] for m in new if m["part"]})
         err_parts = sorted({m["errors_part"] for m in new if m["errors_part"]})
-        settled = {i for m in new for i in json.loads(m["image_ids"]) if i in changed} | settled_stale
-        retire = _stale_rows({i: current[i] for i in settled}) if settled else None
+        settled = {i for m in new for i in json.loads(m["image_ids"]) if i in self.plan.changed} | self.settled_stale
+        retire = _stale_rows({i: self.plan.current[i] for i in settled}) if settled else None
+        store, rel, det, tracker, run_dir = self.store, self.rel, self.det, self.tracker, self.run_dir
         _commit(store, rel, parts, kind="features", config_hash=extractor_name(det), schema=FEATURES_SCHEMA,
-                inputs={"dataset": dataset, "images": len(ids)}, tracker=tracker, retire=retire, into=run_dir)
+                inputs={"dataset": self.dataset, "images": len(self.plan.ids)}, tracker=tracker, retire=retire,
+                into=run_dir)
         _commit(store, f"{rel}/_errors", err_parts, kind="features.errors", config_hash=extractor_name(det),
-                schema=ERRORS_SCHEMA, inputs={"dataset": dataset}, tracker=tracker, retire=retire, into=run_dir)
-        committed_upto = len(metas)
-        settled_stale = set()
-        summary["commits"] += 1
+                schema=ERRORS_SCHEMA, inputs={"dataset": self.dataset}, tracker=tracker, retire=retire,
+                into=run_dir)
+        self.committed_upto = len(self.metas)
+        self.settled_stale = set()
+        self.summary["commits"] += 1
 
-    if todo.num_rows:
-        ensure_gpus(cfg, "detector.num_gpus", det.num_gpus)
-        lo, hi = det.pool_sizes()
-        summary.update(min_actors=lo, max_actors=hi, gpus_per_actor=det.num_gpus, cpus_per_actor=det.num_cpus)
-        weights = None if detector_weights is None else (cfg.storage.root, cfg.storage.options, detector_weights)
-        bs = det.batch_size
-        retries = {"max_restarts": det.max_restarts}
-        if det.max_restarts != 0:
-            # A batch is retried for as long as its actor can be restarted (Ray Data's own default): retries
-            # stay bounded by max_restarts, since a task on an actor that is dead for good fails.  A fixed
-            # count is spent in seconds on a lost node ("actor unavailable" until Ray notices the node is
-            # gone and restarts the actor elsewhere), which failed the job on the simulated cluster.
-            retries["max_task_retries"] = -1
-        lease = Lease(store, f"{rel}/{RUNS_DIR}/{run_dir}", det.run_ttl_s).acquire()
-        finished = False
+
+def _run_pipeline(cfg: MaskConfig, det: DetectorConfig, store: Store, rel: str, dataset: str, todo: pa.Table,
+                  detector_weights: str | None, commits: _ExtractionCommits) -> None:
+    """Run the Ray Data pipeline over ``todo`` under this run's lease, committing as batches finish (and
+    the finished ones when it fails)."""
+    weights = None if detector_weights is None else (cfg.storage.root, cfg.storage.options, detector_weights)
+    run_dir = commits.run_dir
+    lease = Lease(store, f"{rel}/{RUNS_DIR}/{run_dir}", det.run_ttl_s).acquire()
+    finished = False
+    try:
+        ds = _features_pipeline(cfg, det, rel, todo, weights, run_dir)
+        last = time.monotonic()
         try:
-            # one block per batch, so decode and detection overlap and a retried block is one batch
-            ds = ray.data.from_arrow([todo.slice(i, bs) for i in range(0, todo.num_rows, bs)])
-            ds = ds.map_batches(decode_batch, fn_kwargs={"storage_options": cfg.storage.options,
-                                                         "det_cfg": det.model_dump()},
-                                batch_size=bs, num_cpus=0.5)
-            with warnings.catch_warnings():
-                # max_restarts / max_task_retries have no named map_batches parameter in Ray 2.60; the
-                # remote-args kwargs that carry them are deprecated (removal announced for Ray 2.64).
-                warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-                ds = ds.map_batches(DetectStage,
-                                    fn_constructor_args=(det.model_dump(), weights, None, driver_spec()),
-                                    batch_size=bs, **pool_args(det), **retries)
-            ds = ds.map_batches(write_batch, fn_kwargs={"root": cfg.storage.root, "options": cfg.storage.options,
-                                                        "rel": rel, "run_dir": run_dir},
-                                batch_size=bs, batch_format="pyarrow", num_cpus=0.25)
-            last = time.monotonic()
-            try:
-                for row in ds.iter_rows():
-                    metas.append(row)
-                    if (len(metas) - committed_upto >= det.commit_every_batches
-                            or time.monotonic() - last >= det.commit_every_s):
-                        commit()
-                        last = time.monotonic()
-            except BaseException:
-                logger.error("features %s: the pipeline failed after %d finished batches; committing those so a "
-                             "rerun resumes from them", dataset, len(metas))
-                commit()
-                raise
-            commit()
-            finished = True
-        finally:
-            lease.release()
-            if finished:  # every part of this run is committed: nothing for a sweep, the lease goes
-                store.delete(f"{rel}/{RUNS_DIR}/{run_dir}")
-    secs = time.perf_counter() - t0
+            for row in ds.iter_rows():
+                commits.metas.append(row)
+                if (commits.pending() >= det.commit_every_batches
+                        or time.monotonic() - last >= det.commit_every_s):
+                    commits.commit()
+                    last = time.monotonic()
+        except BaseException:
+            logger.error("features %s: the pipeline failed after %d finished batches; committing those so a "
+                         "rerun resumes from them", dataset, len(commits.metas))
+            commits.commit()
+            raise
+        commits.commit()
+        finished = True
+    finally:
+        lease.release()
+        if finished:  # every part of this run is committed: nothing for a sweep, the lease goes
+            store.delete(f"{rel}/{RUNS_DIR}/{run_dir}")
+
+
+def _features_pipeline(cfg: MaskConfig, det: DetectorConfig, rel: str, todo: pa.Table,
+                       weights: tuple[str, dict, str] | None, run_dir: str) -> Any:
+    """The lazy Ray Data pipeline decode → detect (actor pool) → write over ``todo``; yields one metadata
+    row per batch (:func:`write_batch`)."""
+    import ray
+
+    bs = det.batch_size
+    retries = {"max_restarts": det.max_restarts}
+    if det.max_restarts != 0:
+        # A batch is retried for as long as its actor can be restarted (Ray Data's own default): retries
+        # stay bounded by max_restarts, since a task on an actor that is dead for good fails.  A fixed
+        # count is spent in seconds on a lost node ("actor unavailable" until Ray notices the node is
+        # gone and restarts the actor elsewhere), which failed the job on the simulated cluster.
+        retries["max_task_retries"] = -1
+    # one block per batch, so decode and detection overlap and a retried block is one batch
+    ds = ray.data.from_arrow([todo.slice(i, bs) for i in range(0, todo.num_rows, bs)])
+    ds = ds.map_batches(decode_batch, fn_kwargs={"storage_options": cfg.storage.options,
+                                                 "det_cfg": det.model_dump()},
+                        batch_size=bs, num_cpus=0.5)
+    with warnings.catch_warnings():
+        # max_restarts / max_task_retries have no named map_batches parameter in Ray 2.60; the
+        # remote-args kwargs that carry them are deprecated (removal announced for Ray 2.64).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        ds = ds.map_batches(DetectStage,
+                            fn_constructor_args=(det.model_dump(), weights, None, driver_spec()),
+                            batch_size=bs, **pool_args(det), **retries)
+    return ds.map_batches(write_batch, fn_kwargs={"root": cfg.storage.root, "options": cfg.storage.options,
+                                                  "rel": rel, "run_dir": run_dir},
+                          batch_size=bs, batch_format="pyarrow", num_cpus=0.25)
+
+
+def _error_kinds(metas: list[dict]) -> dict[str, int]:
+    """Errors counted by ``stage.error`` over the batches' metadata rows."""
+    kinds: dict[str, int] = {}
+    for m in metas:
+        for k, v in json.loads(m["error_kinds"]).items():
+            kinds[k] = kinds.get(k, 0) + v
+    return kinds
+
+
+def _batch_summary(metas: list[dict], kinds: dict[str, int], secs: float) -> dict[str, Any]:
+    """The summary's counts over the batches' metadata rows: extracted, errors, nodes, throughput."""
     by_node: dict[str, int] = {}
     for m in metas:
         by_node[str(m.get("node", ""))] = by_node.get(str(m.get("node", "")), 0) + 1
     n_ok = int(sum(m["rows"] for m in metas))
     n_err = int(sum(m["error_rows"] for m in metas))
-    kinds: dict[str, int] = {}
-    for m in metas:
-        for k, v in json.loads(m["error_kinds"]).items():
-            kinds[k] = kinds.get(k, 0) + v
-    if not todo.num_rows:
-        commit()  # creates empty artifacts on a first run with nothing to do; drops settled stale rows
-    summary.update(extracted=n_ok, errors=n_err, errors_by_kind=dict(sorted(kinds.items())),
-                   batches_by_node=dict(sorted(by_node.items())), nodes=len(by_node),
-                   batch_nodes=[{"node": str(m.get("node", "")), "part": str(m["part"] or m["errors_part"]),
-                                 "images": int(m["rows"]) + int(m["error_rows"])} for m in metas],
-                   seconds=round(secs, 3),
-                   images_per_s=round((n_ok + n_err) / secs, 3) if secs > 0 and metas else 0.0)
+    return dict(extracted=n_ok, errors=n_err, errors_by_kind=dict(sorted(kinds.items())),
+                batches_by_node=dict(sorted(by_node.items())), nodes=len(by_node),
+                batch_nodes=[{"node": str(m.get("node", "")), "part": str(m["part"] or m["errors_part"]),
+                              "images": int(m["rows"]) + int(m["error_rows"])} for m in metas],
+                seconds=round(secs, 3),
+                images_per_s=round((n_ok + n_err) / secs, 3) if secs > 0 and metas else 0.0)
+
+
+def _log_extraction(tracker: Any, dataset: str, summary: dict[str, Any], kinds: dict[str, int]) -> None:
+    """The run's summary to the tracker (numbers as metrics, the whole as ``extract_<dataset>.json``) and the log."""
     if tracker is not None:
         metrics = {f"extract.{dataset}.{k}": float(v) for k, v in summary.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -543,7 +615,6 @@ def run_extraction(cfg: MaskConfig, store: Store, dataset: str, images: pa.Table
         if hasattr(tracker, "log_dict"):
             tracker.log_dict(summary, f"extract_{dataset}.json")
     logger.info("features %s: %s", dataset, {k: v for k, v in summary.items() if k != "batch_nodes"})
-    return summary
 
 
 def _commit(store: Store, rel: str, parts: list[str], *, kind: str, config_hash: str, schema: pa.Schema,

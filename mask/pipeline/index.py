@@ -24,6 +24,7 @@ same knowledge, features and scoring config, the result equals a from-scratch bu
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import io
 import json
 import logging
@@ -283,62 +284,85 @@ def ensure_mu(ctx: JobContext, pae_bytes: bytes, frel: str, mrel: str, mhash: st
            "seconds": 0.0}
     if not need:
         return out
-    cols = MU_COLUMNS
-
-    def commit(table: pa.Table, ids: list[str]) -> None:
-        got = set(table.column("image_id").to_pylist())
-        lost = [i for i in ids if i not in got]
-        if lost:
-            raise GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
-                               f"e.g. {lost[:3]}")
-        table = table.append_column("content_sha256", pa.array(
-            [content.get(i) for i in table.column("image_id").to_pylist()], pa.string()))
-        swap = [i for i in ids if i in have]
-        with store.open_artifact(mrel, kind="mu", config_hash=mhash, append=True) as w:
-            if swap:  # μ of changed images: the old rows leave in the same manifest write
-                w.retire_rows(["image_id", "content_sha256"], _other_content({i: content.get(i) for i in swap}))
-            w.write_part(table, name=f"mu-{fingerprint([sorted(ids), [content.get(i) for i in sorted(ids)]])[:20]}")
-            w.commit(mlflow_run_id=run_id)
-
+    commit = functools.partial(_commit_mu, store, frel, mrel, mhash, have, content, run_id)
     if len(need) <= ctx.cfg.index.local_max_images:
-        feats = read_rows(store, frel, need, columns=cols)
-        if feats is None:
-            raise GalleryError(f"μ: none of {len(need)} images has committed region features in {store.uri(frel)}")
-        stage = MuStage(pae_bytes, keep_ids=need)
-        batches = []
-        for b in feats.to_batches(max_chunksize=64):
-            batches.append(stage({c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}))
-        commit(mu_table(batches), need)
+        commit(_mu_on_driver(store, frel, pae_bytes, need), need)
         out["where"] = "driver"
     else:
         # parts grouped into commits of about index.mu_commit_images images: a long μ stage keeps its
         # progress (a rerun computes only the images without μ)
-        fs = store.pyarrow_filesystem()
-        wanted = set(need)
-        groups: list[tuple[list[str], list[str]]] = []
-        for p in (store.manifest(frel) or {}).get("parts") or []:
-            path = store.path(frel, p["path"])
-            ids = [i for i in pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
-                   if i in wanted]
-            if not ids:
-                continue
-            if not groups or len(groups[-1][1]) >= ctx.cfg.index.mu_commit_images:
-                groups.append(([], []))
-            groups[-1][0].append(path)
-            groups[-1][1].extend(ids)
-        covered = {i for _, ids in groups for i in ids}
-        lost = [i for i in need if i not in covered]
-        if lost:
-            raise GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
-                               f"e.g. {lost[:3]}")
+        groups = _mu_groups(store, frel, need, ctx.cfg.index.mu_commit_images)
         ensure_gpus(ctx.cfg, "represent.num_gpus", ctx.cfg.represent.num_gpus)
         for paths, ids in groups:
-            ds = features_dataset(store, frel, cols, parts=paths)
+            ds = features_dataset(store, frel, MU_COLUMNS, parts=paths)
             commit(image_representations(ds, pae_bytes, ctx.cfg.represent, keep_ids=ids), ids)
         out["where"] = "ray-data"
         out["commits"] = len(groups)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _no_features(store: Store, frel: str, lost: list[str]) -> GalleryError:
+    return GalleryError(f"μ: {len(lost)} images have no committed region features in {store.uri(frel)}, "
+                        f"e.g. {lost[:3]}")
+
+
+def _commit_mu(store: Store, frel: str, mrel: str, mhash: str, have: dict[str, tuple[int, str | None]],
+               content: dict[str, str | None], run_id: str | None, table: pa.Table, ids: list[str]) -> None:
+    """Append the μ rows ``table`` of ``ids`` (with their features' ``content_sha256``) to the μ artifact;
+    images that had μ from other features lose their old rows in the same manifest write."""
+    got = set(table.column("image_id").to_pylist())
+    lost = [i for i in ids if i not in got]
+    if lost:
+        raise _no_features(store, frel, lost)
+    table = table.append_column("content_sha256", pa.array(
+        [content.get(i) for i in table.column("image_id").to_pylist()], pa.string()))
+    swap = [i for i in ids if i in have]
+    with store.open_artifact(mrel, kind="mu", config_hash=mhash, append=True) as w:
+        if swap:  # μ of changed images: the old rows leave in the same manifest write
+            w.retire_rows(["image_id", "content_sha256"], _other_content({i: content.get(i) for i in swap}))
+        w.write_part(table, name=f"mu-{fingerprint([sorted(ids), [content.get(i) for i in sorted(ids)]])[:20]}")
+        w.commit(mlflow_run_id=run_id)
+
+
+def _mu_on_driver(store: Store, frel: str, pae_bytes: bytes, need: list[str]) -> pa.Table:
+    """μ of a few images (``need``), computed on the driver."""
+    cols = MU_COLUMNS
+    feats = read_rows(store, frel, need, columns=cols)
+    if feats is None:
+        raise GalleryError(f"μ: none of {len(need)} images has committed region features in {store.uri(frel)}")
+    stage = MuStage(pae_bytes, keep_ids=need)
+    batches = []
+    for b in feats.to_batches(max_chunksize=64):
+        batches.append(stage({c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}))
+    return mu_table(batches)
+
+
+def _mu_groups(store: Store, frel: str, need: list[str], group_images: int) -> list[tuple[list[str], list[str]]]:
+    """The features parts holding ``need``, grouped into commits of about ``group_images`` images:
+    ``(part paths, image ids)`` per group.
+
+    Raises:
+        GalleryError: an image of ``need`` has no committed features.
+    """
+    fs = store.pyarrow_filesystem()
+    wanted = set(need)
+    groups: list[tuple[list[str], list[str]]] = []
+    for p in (store.manifest(frel) or {}).get("parts") or []:
+        path = store.path(frel, p["path"])
+        ids = [i for i in pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
+               if i in wanted]
+        if not ids:
+            continue
+        if not groups or len(groups[-1][1]) >= group_images:
+            groups.append(([], []))
+        groups[-1][0].append(path)
+        groups[-1][1].extend(ids)
+    covered = {i for _, ids in groups for i in ids}
+    lost = [i for i in need if i not in covered]
+    if lost:
+        raise _no_features(store, frel, lost)
+    return groups
 
 
 # ---------------------------------------------------------------- CURRENT
@@ -520,6 +544,49 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
     timings["captions"] = time.perf_counter() - t0
     # per-word terms WS (N, V) and eq. 10 scores
     t0 = time.perf_counter()
+    sc = _score_words(cfg, store, mrel, order, boxes, voc, content, live if reusable else None, keep_dense)
+    res = sc.result
+    timings["scoring"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if res.dense is not None:
+        mask_metrics, source = recall_at_k(res.dense, caption_to_image=order.caption_to_image), "dense"
+    else:
+        mask_metrics = recall_from_topk(res.caption_top_images, res.image_top_captions, order.caption_to_image)
+        source = "topk"
+    timings["metrics"] = time.perf_counter() - t0
+    cov = _coverage(voc, res.empty.as_dict())
+    n, t = len(order.image_ids), len(order.caption_ids)
+    reuse = _reuse_summary(live, sc, order, voc, mu_info, fsum)
+    metrics = {"index_version": version, "mask": mask_metrics, "metrics_source": source, "coverage": cov,
+               "images": n, "captions": t, "dropped_images": order.dropped_images, "dense": sc.write_dense,
+               "fill_score": res.fill, "timings": timings, "reuse": reuse}
+    info = _index_info(cfg, knowledge, gallery, version, store.uri(frel), mrel, sh, voc)
+    t0 = time.perf_counter()
+    rel = f"{index_root(name)}/{version}"
+    _write_version(store, rel, version, order, boxes, voc, res, info, metrics, sc.write_dense, run.run_id, content)
+    timings["write"] = time.perf_counter() - t0
+    return IndexBuild(rel=rel, version=version, metrics=metrics, info=info, dense=res.dense, reuse=reuse,
+                      features=fsum)
+
+
+@dataclass
+class _WordScoring:
+    """What :func:`_score_words` scored and how much it reused from the live version."""
+
+    result: Any  # the GalleryScorer's result
+    write_dense: bool
+    score_reuse: bool  # per-word terms were reused from the live version
+    live_rows: dict[str, int]  # image id → its row in the live version, for images with unchanged features
+    new_words: int  # words without a live column (all words when nothing is reused)
+    rows_computed: int
+    cells_computed: int
+
+
+def _score_words(cfg: MaskConfig, store: Store, mrel: str, order: GalleryOrder, boxes: dict[str, int],
+                 voc: CaptionVocabulary, content: dict[str, str | None], live: LiveIndex | None,
+                 keep_dense: bool) -> _WordScoring:
+    """Per-word terms WS (N, V) and the eq. 10 scores, chunk by chunk of images; WS of images whose
+    features and words the ``live`` version (same score hash, or None) already scored are reused."""
     n, t, v = len(order.image_ids), len(order.caption_ids), len(voc.words)
     store_ws = n * max(v, 1) <= cfg.scoring.dense_max_pairs
     write_dense = n * t <= cfg.scoring.dense_max_pairs
@@ -529,7 +596,8 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
                            keep_word_scores=store_ws)
     if not np.array_equal(scorer.used_words, np.arange(v)):
         raise GalleryError("internal: the caption vocabulary has unused words")  # by construction it cannot
-    live_ws = live.word_scores if reusable and live.word_scores is not None and live.words is not None else None
+    live_ws = live.word_scores if live is not None and live.word_scores is not None and live.words is not None \
+        else None
     live_rows: dict[str, int] = {}
     if live_ws is not None:  # images whose features (content) are those the live version scored
         live_content = live.images.column("content_sha256").to_pylist() if "content_sha256" in \
@@ -563,41 +631,39 @@ def build_index(ctx: JobContext, run, knowledge, gallery: dict[str, Any], versio
         computed_rows += rows_full
         computed_cells += cells
         scorer.add_word_scores(np.asarray(ids, object), ws, ok)
-    res = scorer.result()
-    timings["scoring"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if res.dense is not None:
-        mask_metrics, source = recall_at_k(res.dense, caption_to_image=order.caption_to_image), "dense"
-    else:
-        mask_metrics = recall_from_topk(res.caption_top_images, res.image_top_captions, order.caption_to_image)
-        source = "topk"
-    timings["metrics"] = time.perf_counter() - t0
-    cov = _coverage(voc, res.empty.as_dict())
-    reuse = {"reused_from": live.rel if live is not None else None, "score_reuse": live_ws is not None,
-             "images": n, "captions": t, "words": v,
-             "images_new": n - sum(1 for x in order.image_ids if x in live_rows),
-             "images_removed": len(live_rows) - sum(1 for x in order.image_ids if x in live_rows),
-             "captions_parsed": voc.parsed, "words_new": int(new_cols.size) if live_ws is not None else v,
-             "word_score_rows_computed": computed_rows, "word_score_cells_computed": computed_cells,
-             "word_score_cells_reused": n * v - computed_cells, "mu_computed": mu_info["computed"], "mu_changed": mu_info["changed"],
-             "mu_commits": mu_info.get("commits", int(mu_info["computed"] > 0)),
-             "mu_where": mu_info["where"], "features_extracted": int(fsum.get("extracted", 0) or 0)}
-    metrics = {"index_version": version, "mask": mask_metrics, "metrics_source": source, "coverage": cov,
-               "images": n, "captions": t, "dropped_images": order.dropped_images, "dense": write_dense,
-               "fill_score": res.fill, "timings": timings, "reuse": reuse}
-    info = {"layout": INDEX_LAYOUT, "version": version, "gallery": name, "dataset_hash": gallery["summary"]["config_hash"],
+    return _WordScoring(result=scorer.result(), write_dense=write_dense, score_reuse=live_ws is not None,
+                        live_rows=live_rows, new_words=int(new_cols.size) if live_ws is not None else v,
+                        rows_computed=computed_rows, cells_computed=computed_cells)
+
+
+def _reuse_summary(live: LiveIndex | None, sc: _WordScoring, order: GalleryOrder, voc: CaptionVocabulary,
+                   mu_info: dict[str, Any], fsum: dict[str, Any]) -> dict[str, Any]:
+    """The ``reuse`` entry of an index's metrics: what was reused from the live version, μ and features."""
+    n, t, v = len(order.image_ids), len(order.caption_ids), len(voc.words)
+    kept = sum(1 for x in order.image_ids if x in sc.live_rows)
+    return {"reused_from": live.rel if live is not None else None, "score_reuse": sc.score_reuse,
+            "images": n, "captions": t, "words": v,
+            "images_new": n - kept,
+            "images_removed": len(sc.live_rows) - kept,
+            "captions_parsed": voc.parsed, "words_new": sc.new_words,
+            "word_score_rows_computed": sc.rows_computed, "word_score_cells_computed": sc.cells_computed,
+            "word_score_cells_reused": n * v - sc.cells_computed, "mu_computed": mu_info["computed"],
+            "mu_changed": mu_info["changed"],
+            "mu_commits": mu_info.get("commits", int(mu_info["computed"] > 0)),
+            "mu_where": mu_info["where"], "features_extracted": int(fsum.get("extracted", 0) or 0)}
+
+
+def _index_info(cfg: MaskConfig, knowledge, gallery: dict[str, Any], version: str, features_uri: str, mrel: str,
+                sh: str, voc: CaptionVocabulary) -> dict[str, Any]:
+    """An index version's ``index.json``: its inputs and the configs it was scored with."""
+    return {"layout": INDEX_LAYOUT, "version": version, "gallery": cfg.gallery.name,
+            "dataset_hash": gallery["summary"]["config_hash"],
             "knowledge_uri": knowledge.uri, "knowledge_version": knowledge.version,
-            "features": store.uri(frel), "extractor": extractor_name(cfg.detector), "mu": mrel, "score_hash": sh,
+            "features": features_uri, "extractor": extractor_name(cfg.detector), "mu": mrel, "score_hash": sh,
             "scoring": cfg.scoring.model_dump(mode="json"), "text": cfg.text.model_dump(mode="json"),
             "vectors": cfg.vectors.model_dump(mode="json"), "ood_method": cfg.knowledge.ood_method,
             "m": cfg.knowledge.m, "word_source": dict(zip(voc.words, voc.source, strict=True)),
             "inputs": {"knowledge": knowledge.uri, "gallery_dataset": gallery["summary"]["config_hash"]}}
-    t0 = time.perf_counter()
-    rel = f"{index_root(name)}/{version}"
-    _write_version(store, rel, version, order, boxes, voc, res, info, metrics, write_dense, run.run_id, content)
-    timings["write"] = time.perf_counter() - t0
-    return IndexBuild(rel=rel, version=version, metrics=metrics, info=info, dense=res.dense, reuse=reuse,
-                      features=fsum)
 
 
 @dataclass

@@ -101,23 +101,7 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
                     metrics = read_index_file(store, rel, "metrics.json")
                     logger.info("index %s is committed already; switching to it", store.uri(rel))
                 else:
-                    live = None
-                    if previous and store.manifest(f"{root}/{previous}") is not None:
-                        live = LiveIndex.load(store, f"{root}/{previous}")
-                    elif previous:
-                        logger.warning("CURRENT of %s points at %s, which is not committed; building from scratch",
-                                       name, previous)
-                    det = gallery_detector(ctx, run)
-                    built = build_index(ctx, run, knowledge, gal, version, det, live=live)
-                    metrics = built.metrics
-                    metrics["timings"] = {"dataset": t_dataset, **metrics["timings"]}
-                    out["status"] = "built"
-                    out["reuse"] = built.reuse
-                    run.log_metrics({f"reuse.{k}": float(v) for k, v in built.reuse.items()
-                                     if isinstance(v, int | float) and not isinstance(v, bool)})
-                    run.log_params({"reuse.from": built.reuse["reused_from"] or "",
-                                    "reuse.scores": built.reuse["score_reuse"], "mu.where": built.reuse["mu_where"]})
-                    run.log_metrics({f"time.{k}": float(v) for k, v in metrics["timings"].items()})
+                    metrics = _build_version(ctx, run, knowledge, gal, version, previous, t_dataset, out)
                     kill_point("reindex.after_commit")
                 lease.check()  # fencing: never switch after our lease expired
                 switch_current(store, name, version, previous, mlflow_run_id=run.run_id,
@@ -131,3 +115,29 @@ def reindex(cfg: MaskConfig, knowledge_ref: str | None = None) -> dict[str, Any]
         return out
     finally:
         lease.release()
+
+
+def _build_version(ctx: JobContext, run, knowledge, gal: dict[str, Any], version: str, previous: str | None,
+                   t_dataset: float, out: dict[str, Any]) -> dict[str, Any]:
+    """Build and commit index ``version`` from the live ``previous`` version (from scratch when it is not
+    committed); records status and reuse in ``out`` and the run.  Returns the version's metrics."""
+    store, name = ctx.store, ctx.cfg.gallery.name
+    root = index_root(name)
+    live = None
+    if previous and store.manifest(f"{root}/{previous}") is not None:
+        live = LiveIndex.load(store, f"{root}/{previous}")
+    elif previous:
+        logger.warning("CURRENT of %s points at %s, which is not committed; building from scratch",
+                       name, previous)
+    det = gallery_detector(ctx, run)
+    built = build_index(ctx, run, knowledge, gal, version, det, live=live)
+    metrics = built.metrics
+    metrics["timings"] = {"dataset": t_dataset, **metrics["timings"]}
+    out["status"] = "built"
+    out["reuse"] = built.reuse
+    run.log_metrics({f"reuse.{k}": float(v) for k, v in built.reuse.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool)})
+    run.log_params({"reuse.from": built.reuse["reused_from"] or "",
+                    "reuse.scores": built.reuse["score_reuse"], "mu.where": built.reuse["mu_where"]})
+    run.log_metrics({f"time.{k}": float(v) for k, v in metrics["timings"].items()})
+    return metrics

@@ -22,11 +22,13 @@ It is not retried — a rerun from the last checkpoint would meet the same step.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -414,14 +416,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed + rank)
     wv_np = np.asarray(config["word_vectors"], np.float32)  # (V, N)
     module = TrainModule(cfg, wv_np.shape[0])
-    device = ray.train.torch.get_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        # a GPU worker whose torch sees no CUDA (a fake GPU node of the simulated cluster, a driver problem)
-        logger.warning("train worker %d: Ray assigned GPU(s) %s but torch sees no CUDA device; training on the "
-                       "CPU", rank, ray.get_gpu_ids())
-        device = torch.device("cpu")
-    else:
-        logger.info("train worker %d on %s (node %s)", rank, device, ray.get_runtime_context().get_node_id())
+    device = _worker_device(rank)
     model = ray.train.torch.prepare_model(module, move_to_device=device)  # DDP when world > 1
     inner: TrainModule = model.module if hasattr(model, "module") else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
@@ -434,54 +429,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     dist = world > 1 and torch.distributed.is_initialized()
     word_vectors = torch.tensor(wv_np, device=device)  # a copy: wv_np is a read-only view of Ray's object store
     shard = ray.train.get_dataset_shard("train")
-    client = None
     run_id = config.get("mlflow_run_id")
-    if rank == 0 and run_id:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=config["tracking_uri"])
-        if resumes:
-            client.log_batch(run_id, metrics=_metrics({"train.resumed_at_epoch": start_epoch}, step))
+    client = _rank0_client(config, rank, resumes, start_epoch, step)
     weights = loss_weights(cfg)
-    log_every = cfg.train.log_every
-
-    def sync_finite(ok: bool) -> bool:
-        if not dist:
-            return ok
-        flag = torch.tensor([0.0 if ok else 1.0], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() == 0.0)
-
+    sync_finite = functools.partial(_sync_finite, dist, device)
     last_metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
         exit_point("train_epoch", epoch, config.get("fault", ""))
         per_worker = images_per_batch(cfg.train, epoch, config["pairs_per_image"], world)
         model.train()
-        sums: dict[str, float] = {}
-        n_batches, n_pairs, t0, c0 = 0, 0, time.perf_counter(), time.process_time()
-        failure: NonFiniteLoss | None = None
-        for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
-                                        local_shuffle_buffer_size=max(per_worker * 4, 64),
-                                        local_shuffle_seed=cfg.train.seed + epoch):
-            b = collate(batch, device)
-            try:
-                terms = train_step(model, inner, opt, b, word_vectors, weights, step + 1, sync_finite)
-            except NonFiniteLoss as e:
-                failure = e
-                break
-            step += 1
-            n_batches += 1
-            n_pairs += int(b["pair_word"].numel())
-            values = {k: float(v) for k, v in terms.items()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if client is not None and step % log_every == 0:
-                client.log_batch(run_id, metrics=_metrics({f"step.{k}": v for k, v in values.items()}, step))
-        if failure is not None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        ep = _run_epoch(cfg, epoch, shard, per_worker, device, model, inner, opt, word_vectors, weights, step,
+                        sync_finite, client, run_id)
+        step = ep.step
+        if ep.failure is not None:
             # every rank broke out at the same step (sync_finite); do not retry
-            return {"nonfinite": _own_failure(failure, dist, world), "step": step + 1, "epoch": epoch}
+            return {"nonfinite": _own_failure(ep.failure, dist, world), "step": step + 1, "epoch": epoch}
         secs = time.perf_counter() - t0
-        metrics = _epoch_metrics(sums, n_pairs, n_batches, time.process_time() - c0, secs, dist, device)
+        metrics = _epoch_metrics(ep.sums, ep.pairs, ep.batches, time.process_time() - c0, secs, dist, device)
         metrics.update(epoch_shares(metrics, weights))
         metrics.update({"epoch": epoch, "step": step, "resumes": resumes, "start_epoch": start_epoch,
                         "threads": threads, "world_size": world})
@@ -494,6 +459,83 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         _report_epoch(metrics, inner, opt, rank, world, dist,
                       checkpoint=last or (epoch + 1) % cfg.train.checkpoint_every == 0)
     return last_metrics
+
+
+def _worker_device(rank: int) -> torch.device:
+    """The device Ray Train gave this worker; the CPU (with a warning) when torch sees no CUDA on a GPU worker."""
+    import ray
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # a GPU worker whose torch sees no CUDA (a fake GPU node of the simulated cluster, a driver problem)
+        logger.warning("train worker %d: Ray assigned GPU(s) %s but torch sees no CUDA device; training on the "
+                       "CPU", rank, ray.get_gpu_ids())
+        device = torch.device("cpu")
+    else:
+        logger.info("train worker %d on %s (node %s)", rank, device, ray.get_runtime_context().get_node_id())
+    return device
+
+
+def _rank0_client(config: dict[str, Any], rank: int, resumes: int, start_epoch: int, step: int):
+    """Rank 0's MLflow client when the run is tracked (None otherwise); logs the epoch a resumed run
+    restarts at."""
+    run_id = config.get("mlflow_run_id")
+    if not (rank == 0 and run_id):
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=config["tracking_uri"])
+    if resumes:
+        client.log_batch(run_id, metrics=_metrics({"train.resumed_at_epoch": start_epoch}, step))
+    return client
+
+
+def _sync_finite(dist: bool, device: torch.device, ok: bool) -> bool:
+    """Whether every worker's loss was finite (an all-reduce of the flags; ``ok`` itself on one worker)."""
+    if not dist:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() == 0.0)
+
+
+@dataclass
+class _EpochRun:
+    """One worker's pass over its shard for an epoch: loss sums, counts, the step reached, or the failure."""
+
+    sums: dict[str, float]
+    batches: int
+    pairs: int
+    step: int
+    failure: NonFiniteLoss | None
+
+
+def _run_epoch(cfg: MaskConfig, epoch: int, shard, per_worker: int, device: torch.device, model: torch.nn.Module,
+               inner: TrainModule, opt: torch.optim.Optimizer, word_vectors: torch.Tensor,
+               weights: dict[str, float], step: int, sync_finite, client, run_id: str | None) -> _EpochRun:
+    """Train on one epoch of the worker's shard from step ``step``; stops at the first non-finite loss."""
+    sums: dict[str, float] = {}
+    n_batches, n_pairs = 0, 0
+    failure: NonFiniteLoss | None = None
+    for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
+                                    local_shuffle_buffer_size=max(per_worker * 4, 64),
+                                    local_shuffle_seed=cfg.train.seed + epoch):
+        b = collate(batch, device)
+        try:
+            terms = train_step(model, inner, opt, b, word_vectors, weights, step + 1, sync_finite)
+        except NonFiniteLoss as e:
+            failure = e
+            break
+        step += 1
+        n_batches += 1
+        n_pairs += int(b["pair_word"].numel())
+        values = {k: float(v) for k, v in terms.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if client is not None and step % cfg.train.log_every == 0:
+            client.log_batch(run_id, metrics=_metrics({f"step.{k}": v for k, v in values.items()}, step))
+    return _EpochRun(sums=sums, batches=n_batches, pairs=n_pairs, step=step, failure=failure)
 
 
 def _own_failure(failure: NonFiniteLoss, dist: bool, world: int) -> NonFiniteLoss:

@@ -267,14 +267,7 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
     check_settings(cfg)
     ctx = JobContext.from_config(cfg)
     store = ctx.store
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise SweepError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names the folder sweeps/<name>/)")
-    state = _read_state(store, name)
-    identity = sweep_name(cfg, spec)
-    if state.get("identity", identity) != identity:
-        raise SweepError(f"sweep {name} at {store.uri('sweeps', name)} was started with another config or search "
-                         "space; pass another --name (or the same config and space to continue it)")
-    state["identity"] = identity
+    state = _sweep_state(store, name, cfg, spec)
     if state.get("summary"):
         logger.info("sweep %s finished before; returning its summary (%s)", name, store.uri("sweeps", name))
         return {**state["summary"], "reused": True}
@@ -291,35 +284,8 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
     status = "FAILED"
     t0 = time.perf_counter()
     try:
-        inputs_rel = f"sweeps/{name}/inputs"
-        info = prepare_inputs(ctx, spec, inputs_rel, run)
-        m_grid, clipped = _grid_m(cfg, spec, info)
-        if info["base"]["kind"] != "file":
-            logger.warning("no rerank.base_scores: the base model re-ranked in the grid is the %s", DEMO_BASE)
-        extra = {"rerank.base_model": info["base"]["description"], "grid.m": m_grid, "grid.m_requested": spec.grid.m,
-                 "grid.m_clipped": clipped, "grid.alpha": spec.grid.alpha, "grid.k": spec.grid.k,
-                 "tune.sweep": name}
-        if not state.get("params_logged"):
-            _log_parent_params(run, cfg, spec, info, extra, epochs, space_text)
-            state["params_logged"] = True
-            _write_state(store, name, state)
-        setup = TrialSetup(cfg=cfg.model_dump(mode="json"), inputs_rel=inputs_rel, epochs=epochs,
-                           eval_every=spec.trials.eval_every, m=tuple(m_grid), alpha=tuple(spec.grid.alpha),
-                           k=tuple(spec.grid.k), base_m=cfg.knowledge.m, cpus=spec.trials.cpus, gpus=spec.trials.gpus,
-                           fault=driver_spec())
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
-                                        {"cpu": spec.trials.cpus, "gpu": spec.trials.gpus})
-        if restorable:
-            logger.info("restoring the Tune experiment %s", store.uri("sweeps", name, "tune"))
-            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
-                                       param_space=_param_space(spec), storage_filesystem=fs)
-        else:
-            callbacks = [MlflowTrialRuns(cfg, run.run_id, exp_id, name, extra, epochs)] if run.run_id is not None else []
-            tuner = _new_tuner(trainable, spec, epochs, storage_path, fs, callbacks)
-        # a snapshot per checkpoint is what makes a restore lose nothing; Tune warns about it otherwise
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        results = tuner.fit()
-        summary = finalize(ctx, spec, name, results, info, setup, run, epochs)
+        summary = _fit_sweep(ctx, spec, name, state, run, exp_id, epochs, space_text,
+                             restorable, storage_path, exp_path, fs)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         _record_summary(store, name, state, summary, run)
         status = "FINISHED"
@@ -333,3 +299,54 @@ def run_sweep(cfg: MaskConfig, spec: SweepSpec, *, space_text: str = "", name: s
                 client.set_terminated(run.run_id, status)
             except Exception as e:  # noqa: BLE001 - never hide the sweep's own error
                 logger.warning("could not end MLflow run %s as %s: %s", run.run_id, status, e)
+
+
+def _sweep_state(store: Store, name: str, cfg: MaskConfig, spec: SweepSpec) -> dict[str, Any]:
+    """The sweep's saved state (with its identity), after checking the name and that a saved sweep of
+    this name was started with the same config and space."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise SweepError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names the folder sweeps/<name>/)")
+    state = _read_state(store, name)
+    identity = sweep_name(cfg, spec)
+    if state.get("identity", identity) != identity:
+        raise SweepError(f"sweep {name} at {store.uri('sweeps', name)} was started with another config or search "
+                         "space; pass another --name (or the same config and space to continue it)")
+    state["identity"] = identity
+    return state
+
+
+def _fit_sweep(ctx: JobContext, spec: SweepSpec, name: str, state: dict[str, Any], run, exp_id, epochs: int,
+               space_text: str, restorable: bool, storage_path: str, exp_path: str, fs) -> dict[str, Any]:
+    """Inputs, the parent run's params, then the Tune experiment (new or restored), fitted and finalised."""
+    from ray import tune
+
+    cfg, store = ctx.cfg, ctx.store
+    inputs_rel = f"sweeps/{name}/inputs"
+    info = prepare_inputs(ctx, spec, inputs_rel, run)
+    m_grid, clipped = _grid_m(cfg, spec, info)
+    if info["base"]["kind"] != "file":
+        logger.warning("no rerank.base_scores: the base model re-ranked in the grid is the %s", DEMO_BASE)
+    extra = {"rerank.base_model": info["base"]["description"], "grid.m": m_grid, "grid.m_requested": spec.grid.m,
+             "grid.m_clipped": clipped, "grid.alpha": spec.grid.alpha, "grid.k": spec.grid.k,
+             "tune.sweep": name}
+    if not state.get("params_logged"):
+        _log_parent_params(run, cfg, spec, info, extra, epochs, space_text)
+        state["params_logged"] = True
+        _write_state(store, name, state)
+    setup = TrialSetup(cfg=cfg.model_dump(mode="json"), inputs_rel=inputs_rel, epochs=epochs,
+                       eval_every=spec.trials.eval_every, m=tuple(m_grid), alpha=tuple(spec.grid.alpha),
+                       k=tuple(spec.grid.k), base_m=cfg.knowledge.m, cpus=spec.trials.cpus, gpus=spec.trials.gpus,
+                       fault=driver_spec())
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                                    {"cpu": spec.trials.cpus, "gpu": spec.trials.gpus})
+    if restorable:
+        logger.info("restoring the Tune experiment %s", store.uri("sweeps", name, "tune"))
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=_param_space(spec), storage_filesystem=fs)
+    else:
+        callbacks = [MlflowTrialRuns(cfg, run.run_id, exp_id, name, extra, epochs)] if run.run_id is not None else []
+        tuner = _new_tuner(trainable, spec, epochs, storage_path, fs, callbacks)
+    # a snapshot per checkpoint is what makes a restore lose nothing; Tune warns about it otherwise
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    results = tuner.fit()
+    return finalize(ctx, spec, name, results, info, setup, run, epochs)
