@@ -14,23 +14,23 @@ per part.  Exit status 2 on a bad config or plan.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from jobs._cli import parse, print_summary  # noqa: E402
+from jobs._cli import job_parser, parse_job, print_summary, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--plan", default=None, help="YAML plan (seeds, epochs, lambda_grid, m_grid, alpha_grid, …)")
-    p.add_argument("--plan-set", action="append", default=[], help="plan override key=value (YAML value)")
-    p.add_argument("--out", default=None, help="report folder (default: reports/experiments-<name>)")
+    p = job_parser(__doc__)
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="YAML plan (seeds, epochs, lambda_grid, m_grid, alpha_grid, …)")
+    p.add_argument("--plan-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="plan override key=value (YAML value; repeatable)")
+    p.add_argument("--out", default=None, metavar="DIR", help="report folder (default: reports/experiments-<name>)")
     p.add_argument("--name", default=None, help="experiments name (default: a hash of the config)")
-    args, rest = p.parse_known_args(argv if argv is not None else sys.argv[1:])
-    cfg = parse(rest, __doc__.splitlines()[0])
+    args, cfg = parse_job(p, argv)
     import yaml
 
     from mask.config import ConfigError
@@ -53,4 +53,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -25,6 +25,7 @@ OPTIONS = {
     "jobs.reindex": ["--knowledge"],
     "jobs.evaluate": ["--index", "--scores", "--protocol"],
     "jobs.query": ["--text", "--image", "--index", "--top", "--show"],
+    "jobs.experiments": ["--plan", "--plan-set", "--out", "--name", "--config"],
     "jobs.report": ["--experiment", "--runs", "--out", "--groups", "--tsne-run", "--no-mlflow-run"],
     "tune.sweep": ["--space", "--name", "--resume"],
 }
