@@ -630,6 +630,9 @@ def training_dataset(store: Store, features_rel_: str, region_words: dict[str, l
     ids = region_words if isinstance(region_words, RegionWords) else \
         {rid: [word_index[w] for w in ws] for rid, ws in region_words.items()}
     ds = features_dataset(store, features_rel_, KNOWLEDGE_COLUMNS)
+    # a seeded training sees the same rows in the same order on every run: Ray Data keeps the order of the
+    # blocks (ExecutionOptions.preserve_order) here and in Ray Train's ingest (ingest_options)
+    ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(PairJoin, fn_constructor_args=(ids,), batch_size=256,
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").materialize()
     # Ray Train splits this dataset again every epoch; a progress bar per epoch split is noise (the
@@ -640,6 +643,18 @@ def training_dataset(store: Store, features_rel_: str, region_words: dict[str, l
     pairs = sum(int(np.sum(b["num_pairs"])) for b in
                 ds.select_columns(["num_pairs"]).iter_batches(batch_size=None, batch_format="numpy"))
     return ds, {"images": images, "pairs": pairs}
+
+
+def ingest_options():
+    """Ray Train's ingest options for the training dataset: its defaults (the current DataContext's resource
+    limits and progress setting; ``DataConfig.default_ingest_options`` would also pass the deprecated
+    ``exclude_resources``) with the block order kept, so the seeded local shuffle of every epoch starts from
+    the same order."""
+    from ray.data import DataContext, ExecutionOptions
+
+    cur = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=cur.resource_limits, preserve_order=True,
+                            verbose_progress=cur.verbose_progress)
 
 
 def _cpus_per_worker(cfg: MaskConfig) -> float:
@@ -755,6 +770,7 @@ def run_training(ctx: JobContext, ds, stats: dict[str, int], word_vectors: np.nd
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options()),
         **({} if cfg.train.dist_backend == "auto"
            else {"torch_config": ray.train.torch.TorchConfig(backend=cfg.train.dist_backend)}),
     )

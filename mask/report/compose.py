@@ -153,8 +153,10 @@ def _loss_ablation_table(runs: list[RunRecord]) -> tuple[str, list[dict[str, Any
     abl = [r for r in runs if _ablated(r)]
     loss_keys = ("loss.lambda_cm", "loss.lambda_cl", "loss.kl_weight", "loss.lambda1", "loss.lambda2")
     full = [r for r in runs if not _ablated(r)]
-    ref = min(full, key=lambda f: (sum(len(param_differences(f, a, loss_keys)) for a in abl), -f.start_time),
-              default=None)
+    # the closest full-loss run: fewest other differences, then fewest differences in the loss weights too
+    # (so λ1 = λ2 = 3 is the reference of a λ1 = 0 run, not a λ1 = λ2 = 5 run of the same config)
+    ref = min(full, key=lambda f: (sum(len(param_differences(f, a, loss_keys)) for a in abl),
+                                   sum(len(param_differences(f, a)) for a in abl), -f.start_time), default=None)
     rows, tails, notes, data = [], [], [], []
     for label, r in ([("MASK", ref)] if ref else []) + [(f"MASK {_ablated(a)}", a) for a in abl]:
         label = _seeded(label, r)
@@ -184,9 +186,15 @@ def loss_ablation(runs: list[RunRecord]) -> Section:
                                "`loss.kl_weight=0`) next to a full-loss run, or `jobs/experiments.py`, to fill it.")
     bodies, data = [], []
     for ev, g in groups.items():
-        body, d = _loss_ablation_table(g)
-        bodies.append(_evaluation_line(ev) + body)
-        data += [{**row, "evaluation": list(ev)} for row in d]
+        by_seed: dict[str | None, list[RunRecord]] = {}  # experiment runs: one table per seed
+        for r in g:
+            by_seed.setdefault(r.tags.get("experiment.seed"), []).append(r)
+        for seed, runs_ in sorted(by_seed.items(), key=lambda kv: str(kv[0])):
+            if not any(_ablated(r) for r in runs_):
+                continue
+            body, d = _loss_ablation_table(runs_)
+            bodies.append(_evaluation_line(ev) + (f"Seed {seed}:\n\n" if seed is not None else "") + body)
+            data += [{**row, "evaluation": list(ev)} for row in d]
     return Section(title, "\n\n".join(bodies), data=data)
 
 
