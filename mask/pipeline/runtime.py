@@ -60,8 +60,8 @@ def init_ray(cfg: MaskConfig) -> None:
             # the training controller is alive) find the API server by auto-detecting "the" Ray on the
             # machine: with no dashboard, or with several Ray instances on one machine, they ask a missing
             # server or another instance's GCS (40 s timeouts), and the cleaner's stop times out with a
-            # GetTimeoutError traceback at the end of every training.  Ray's
-            # RAY_API_SERVER_ADDRESS, inherited by this instance's workers, names this instance's dashboard.
+            # GetTimeoutError traceback at the end of every training.  Ray's RAY_API_SERVER_ADDRESS, inherited
+            # by this instance's workers, names this instance's dashboard.
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             # Ray's "Started a local Ray instance. View the dashboard at ..." line carries ANSI colour codes
             # whatever stderr is; below DEBUG it is lowered (Python's logger level) and said once, plainly
