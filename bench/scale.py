@@ -14,7 +14,10 @@ Ray and storage root:
    region → words join, Ray Data materialisation);
 4. **knowledge**: the eq. 2 pass over every region (μ through Ray Data) → the knowledge artifact;
 5. **gallery**: a ``--gallery``-image index (the same size at every N, 5 captions per image,
-   features given) scored with that knowledge by the re-index job.
+   features given) scored with that knowledge by the re-index job;
+6. **trial**: one epoch of a Tune trial's in-process training (eq. 14) on the same rows, read part by
+   part by :class:`mask.pipeline.trial_rows.TrialRows` (``--window`` images at a time) — in the driver
+   process, so its memory is the driver's.
 
 Printed: a table with, per size, the wall time per stage and the peak RSS of the driver and of the
 largest single Ray worker process (sampled every 0.1 s), then
@@ -37,7 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.sampling import Sampler  # noqa: E402
 
-STAGES = ("ingest", "train", "knowledge", "gallery")
+STAGES = ("ingest", "train", "knowledge", "gallery", "trial")
 
 
 class PeakRss(Sampler):
@@ -151,6 +154,28 @@ def write_features(cfg, dim: int, seed: int = 0) -> None:
         w.commit()
 
 
+def trial_epoch(cfg, window: int) -> dict:
+    """One epoch of a Tune trial's training (:func:`mask.pipeline.tune_trial.train_epoch`) on streamed rows."""
+    import torch
+
+    from mask.pipeline.runtime import JobContext
+    from mask.pipeline.steps import prepare_training_inputs
+    from mask.pipeline.train import TrainModule
+    from mask.pipeline.trial_rows import TrialRows
+    from mask.pipeline.tune_trial import train_epoch
+    from mask.tracking import NullRun
+
+    ctx = JobContext.from_config(cfg)
+    inputs = prepare_training_inputs(ctx, NullRun())  # every input is committed: nothing recomputed
+    rows = TrialRows(ctx.store, inputs.features_rel, inputs.region_words, window=window)
+    torch.manual_seed(0)
+    module = TrainModule(cfg, len(inputs.vocab["words"]))
+    opt = torch.optim.Adam(module.parameters(), lr=cfg.train.lr)
+    wv = torch.tensor(inputs.vocab["vectors"])
+    losses, _ = train_epoch(module, opt, rows, wv, cfg, 0, torch.device("cpu"), 0)
+    return {**rows.describe(), "loss": losses["loss"]}
+
+
 def one_size(n: int, args) -> dict:
     """Run every stage at one size in this process; returns timings and peaks."""
     import logging
@@ -209,6 +234,7 @@ def one_size(n: int, args) -> dict:
     add_features(cfg, [r["filename"][:-4] for r in spec["images"][:args.gallery]], seed=1, r=args.regions,
                  m=args.dim)
     stage("gallery", reindex, cfg, k["knowledge"]["uri"])
+    out["trial_rows"] = stage("trial", trial_epoch, nog, args.window)
     out["load_average"] = round(os.getloadavg()[0], 1)
     return out
 
@@ -220,6 +246,7 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=64, help="feature size M (BUTD: 2048)")
     p.add_argument("--gallery", type=int, default=5000, help="gallery images of the index stage")
     p.add_argument("--batch", type=int, default=2048, help="region-word pairs per training batch")
+    p.add_argument("--window", type=int, default=2048, help="images a trial holds at once (TrialRows)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--report", nargs="+", metavar="JSON",
@@ -241,7 +268,8 @@ def main(argv=None) -> None:
     for n in sorted(args.images):
         out = os.path.join(tempfile.gettempdir(), f"bench-scale-{n}-{os.getpid()}.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--one", str(n), "--out", out, "--regions",
-               str(args.regions), "--dim", str(args.dim), "--gallery", str(args.gallery), "--batch", str(args.batch)]
+               str(args.regions), "--dim", str(args.dim), "--gallery", str(args.gallery), "--batch", str(args.batch),
+               "--window", str(args.window)]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env=env).returncode

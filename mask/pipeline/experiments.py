@@ -208,7 +208,7 @@ def train_and_evaluate(cfg: MaskConfig, plan: Plan, data, galleries: dict[str, A
     wv = torch.from_numpy(data.word_vectors).to(device)
     history, step = [], 0
     for epoch in range(epochs):
-        losses, step = train_epoch(module, opt, data.train_rows, wv, cfg, epoch, data.pairs_per_image, device, step)
+        losses, step = train_epoch(module, opt, data.rows, wv, cfg, epoch, device, step)
         history.append({"epoch": epoch, **losses})
     train_s = time.perf_counter() - t0
     module.eval()

@@ -45,10 +45,9 @@ from mask.knowledge import KnowledgeTable, PrototypeAccumulator
 from mask.losses import loss_shares
 from mask.metrics import recall_at_k
 from mask.models import save_pae
+from mask.pipeline.regionwords import RegionWords
 from mask.pipeline.represent import MuStage
-from mask.pipeline.steps import region_word_map
 from mask.pipeline.train import (
-    PairJoin,
     TrainModule,
     collate,
     images_per_batch,
@@ -57,6 +56,7 @@ from mask.pipeline.train import (
     save_checkpoint,
     train_step,
 )
+from mask.pipeline.trial_rows import FEATURE_COLUMNS, TrialRows, rebatch
 from mask.rerank import rerank_both
 from mask.storage import Store
 from mask.sweep import SCORE, best_entry, flatten_grid
@@ -64,7 +64,6 @@ from mask.sweep import SCORE, best_entry, flatten_grid
 logger = logging.getLogger(__name__)
 
 INPUTS_KIND = "tune-inputs"
-FEATURE_COLUMNS = ["image_id", "features", "num_boxes", "feature_dim"]
 
 
 @dataclass(frozen=True)
@@ -148,15 +147,16 @@ class EvalGallery:
 
 @dataclass
 class SweepData:
-    """A trial's view of the sweep inputs: training rows, vocabulary and the validation gallery."""
+    """A trial's view of the sweep inputs: training rows, vocabulary and the validation gallery.
+
+    The training features are never all in memory (:class:`mask.pipeline.trial_rows.TrialRows`); the
+    validation gallery is (its size is the gallery split's, not the training set's)."""
 
     words: list[str]
     word_vectors: np.ndarray  # (V, N)
     word_index: dict[str, int]
-    region_words: dict[str, list[str]]
-    raw_rows: dict[str, np.ndarray]  # features rows with region_ids (the eq. 2 pass)
-    train_rows: dict[str, np.ndarray]  # PairJoin rows (training)
-    pairs_per_image: float
+    region_words: RegionWords  # region_id → word ids, loaded once from the regions artifact
+    rows: TrialRows  # the training rows and the eq. 2 pass, streamed from the features artifact
     galleries: dict[str, EvalGallery] = field(default_factory=dict)
 
 
@@ -209,16 +209,12 @@ def load_sweep_data(store: Store, inputs_rel: str, splits: tuple[str, ...] = ("v
     words = vocab.column("word").to_pylist()
     wv = np.asarray(vocab.column("vector").to_pylist(), np.float32).reshape(len(words), int(info["word_dim"]))
     word_index = {w: i for i, w in enumerate(words)}
-    regions = store.read_table(dataset_rel(info["dataset"], "regions"), columns=["region_id", "words"])
-    region_words = region_word_map(regions, word_index)
-    raw = _numpy_columns(store.read_table(info["features"], columns=[*FEATURE_COLUMNS, "region_ids"]))
-    ids = {rid: [word_index[w] for w in ws] for rid, ws in region_words.items()}
-    rows = PairJoin(ids)(raw)
-    n_img = len(rows["num_pairs"])
-    if n_img == 0:
+    region_words = RegionWords(store.root, store.options, dataset_rel(info["dataset"], "regions"), words)
+    rows = TrialRows(store, info["features"], region_words)
+    if rows.images == 0:
         raise ValueError(f"dataset {info['dataset']}: no region carries a vocabulary word; nothing to train on")
-    data = SweepData(words=words, word_vectors=wv, word_index=word_index, region_words=region_words, raw_rows=raw,
-                     train_rows=rows, pairs_per_image=float(np.sum(rows["num_pairs"])) / n_img)
+    logger.info("trial rows: %s", rows.describe())
+    data = SweepData(words=words, word_vectors=wv, word_index=word_index, region_words=region_words, rows=rows)
     for split in splits:
         g = load_gallery(store, inputs_rel, info, split)
         if g is not None:
@@ -229,25 +225,22 @@ def load_sweep_data(store: Store, inputs_rel: str, splits: tuple[str, ...] = ("v
 # ---------------------------------------------------------------- training, knowledge, evaluation
 
 
-def train_epoch(module, opt: torch.optim.Optimizer, rows: dict[str, np.ndarray], word_vectors: torch.Tensor,
-                cfg: MaskConfig, epoch: int, pairs_per_image: float, device: torch.device,
-                step: int) -> tuple[dict[str, float], int]:
-    """One epoch of eq. 14 over the training rows in a seeded order (same order after a resume).
+def train_epoch(module, opt: torch.optim.Optimizer, rows: TrialRows, word_vectors: torch.Tensor,
+                cfg: MaskConfig, epoch: int, device: torch.device, step: int) -> tuple[dict[str, float], int]:
+    """One epoch of eq. 14 over the training rows in a seeded order (same order after a resume;
+    :meth:`mask.pipeline.trial_rows.TrialRows.epoch_batches`).
 
     Returns:
         ``({"loss", "loss_ir", …, "share_rec", …}: means over the epoch's batches and each weighted
         term's share of the total (:func:`mask.losses.loss_shares`), the step count after it)``.
     """
     module.train()
-    n = len(rows["num_pairs"])
-    per = images_per_batch(cfg.train, epoch, pairs_per_image, 1)
-    order = np.random.default_rng([cfg.train.seed, epoch]).permutation(n)
+    per = images_per_batch(cfg.train, epoch, rows.pairs_per_image, 1)
     weights = loss_weights(cfg)
     sums: dict[str, float] = {}
     batches = 0
-    for i0 in range(0, n, per):
-        idx = order[i0:i0 + per]
-        b = collate({k: v[idx] for k, v in rows.items()}, device)
+    for rows_b in rows.epoch_batches(cfg.train.seed, epoch, per):
+        b = collate(rows_b, device)
         terms = train_step(module, module, opt, b, word_vectors, weights, step + 1)
         step += 1
         batches += 1
@@ -257,17 +250,11 @@ def train_epoch(module, opt: torch.optim.Optimizer, rows: dict[str, np.ndarray],
     return {**means, **loss_shares(means, **weights)}, step
 
 
-def _batches(rows: dict[str, np.ndarray], size: int):
-    n = len(next(iter(rows.values())))
-    for i0 in range(0, n, size):
-        yield {k: v[i0:i0 + size] for k, v in rows.items()}
-
-
 def knowledge_table(pae_bytes: bytes, data: SweepData, cfg: MaskConfig, batch_size: int = 64):
     """Eq. 2 in memory: μ of every VG region through the PAE, averaged per word → a KnowledgeTable."""
     stage = MuStage(pae_bytes, data.word_index, data.region_words, "partials", cfg.seed)
     acc = PrototypeAccumulator(len(data.words), cfg.model.latent_dim, seed=cfg.seed)
-    for batch in _batches(data.raw_rows, batch_size):
+    for batch in data.rows.raw_batches(batch_size):
         part = stage(batch)
         if len(part["word_id"]):
             acc.merge_partial(part["word_id"], part["sum"], part["count"], part["key"], part["sample"])
@@ -279,7 +266,7 @@ def gallery_mu(pae_bytes: bytes, gallery: EvalGallery, batch_size: int = 64) -> 
 
     stage = MuStage(pae_bytes)
     cols: dict[str, list] = {"image_id": [], "mu": [], "num_boxes": [], "latent_dim": []}
-    for batch in _batches(gallery.features, batch_size):
+    for batch in rebatch(iter([gallery.features]), batch_size):
         out = stage(batch)
         cols["image_id"] += [str(x) for x in out["image_id"]]
         cols["mu"] += [np.asarray(m, np.float32) for m in out["mu"]]
@@ -421,7 +408,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     reports = 0
     for epoch in range(start, setup.epochs):
         t1 = time.perf_counter()
-        losses, step = train_epoch(module, opt, data.train_rows, wv, cfg, epoch, data.pairs_per_image, device, step)
+        losses, step = train_epoch(module, opt, data.rows, wv, cfg, epoch, device, step)
         history.append({"epoch": epoch, "epoch_seconds": time.perf_counter() - t1, **losses})
         if (epoch + 1) % setup.eval_every and epoch != setup.epochs - 1:
             continue
