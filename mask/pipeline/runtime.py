@@ -18,6 +18,7 @@ from typing import Any
 
 from mask import tracking
 from mask.config import MaskConfig
+from mask.pipeline.console import quiet_ray_console
 from mask.pipeline.resources import check_storage_reachable
 from mask.storage import Store
 
@@ -40,6 +41,8 @@ def init_ray(cfg: MaskConfig) -> None:
     import ray
 
     if not ray.is_initialized():
+        # Ray Data's console (warnings and one progress line per stage), inherited by a local Ray's workers
+        quiet_ray_console(debug=logger.isEnabledFor(logging.DEBUG))
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address and address != "local":
             logger.info("joining Ray at %s", address)

@@ -41,6 +41,7 @@ from mask.errors import MaskError
 from mask.faults import driver_spec, exit_point
 from mask.losses import NonFiniteLoss, check_finite, loss_shares, mask_loss
 from mask.models import PrototypeTable, build_model, save_pae
+from mask.pipeline.console import quiet_train_worker, train_log_level
 from mask.pipeline.identity import train_run_name
 from mask.pipeline.regionwords import RegionWords
 from mask.pipeline.resources import ensure_gpus, node_cpus
@@ -410,6 +411,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     cfg = MaskConfig.model_validate(config["cfg"])
+    quiet_train_worker(config.get("train_log_level", "INFO"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = _worker_threads(cfg.train.cpu_threads, world)
@@ -635,8 +637,9 @@ def training_dataset(store: Store, features_rel_: str, region_words: dict[str, l
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(PairJoin, fn_constructor_args=(ids,), batch_size=256,
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").materialize()
-    # Ray Train splits this dataset again every epoch; a progress bar per epoch split is noise (the
-    # materialisation above had its bar, training reports its epochs)
+    # Ray Train splits this dataset again every epoch (in its SplitCoordinator actor); a progress bar per epoch
+    # split is noise (the materialisation above had its bar, training reports its epochs).  Ray Data's warning
+    # that this setting causes is kept off the console by mask.pipeline.console.
     ds.context.enable_progress_bars = False
     images = ds.count()
     # a projection per block (no aggregation shuffle): only the small column reaches the driver
@@ -755,12 +758,13 @@ def run_training(ctx: JobContext, ds, stats: dict[str, int], word_vectors: np.nd
     if prior is not None:
         logger.info("training run %s: continuing after epoch %d from %s", run_name, prior["epoch"] + 1, prior["uri"])
     ensure_gpus(cfg, "train.use_gpu", 1 if cfg.train.use_gpu else 0)
+    train_level = train_log_level(logger.isEnabledFor(logging.DEBUG))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "word_vectors": word_vectors,
                            "pairs_per_image": stats["pairs"] / max(stats["images"], 1),
                            "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-                           "fault": driver_spec(),
+                           "fault": driver_spec(), "train_log_level": train_level,
                            "run_storage": (fs, f"{storage_path}/{run_name}")},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -768,7 +772,9 @@ def run_training(ctx: JobContext, ds, stats: dict[str, int], word_vectors: np.nd
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's per-report and checkpoint lines stay in its log files (mask.pipeline.console)
+            logging_config=ray.train.LoggingConfig(log_level=train_level)),
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(execution_options=ingest_options()),
         **({} if cfg.train.dist_backend == "auto"
