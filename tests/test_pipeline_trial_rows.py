@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from mask.pipeline.regionwords import RegionWords
+from mask.pipeline.steps import canonical_part_uris
 from mask.pipeline.train import PairJoin
 from mask.pipeline.trial_rows import RAW_COLUMNS, TrialRows, rebatch
 from mask.storage import Store
@@ -47,14 +48,19 @@ def root(tmp_path_factory):
                       "region_ids": pa.array(feats["region_ids"], pa.list_(pa.string()))})
     with store.open_artifact("features/t", kind="features", config_hash="h") as w:
         for i0 in range(0, 40, 8):
-            w.write_part(table.slice(i0, 8), name=f"p{i0}")
+            w.write_part(table.slice(i0, 8), name=f"p{i0:02d}")  # names sort as the rows
+        w.commit()
+    # the same parts committed in another order (as extraction commits groups of parts as batches finish)
+    with store.open_artifact("features/t2", kind="features", config_hash="h") as w:
+        for i0 in (16, 32, 0, 24, 8):
+            w.write_part(table.slice(i0, 8), name=f"p{i0:02d}")
         w.commit()
     return path
 
 
-def _rows(root: str, window: int) -> TrialRows:
+def _rows(root: str, window: int, rel: str = "features/t") -> TrialRows:
     store = Store(root)
-    return TrialRows(store, "features/t", RegionWords(root, {}, "datasets/t/regions", VOCAB), window=window)
+    return TrialRows(store, rel, RegionWords(root, {}, "datasets/t/regions", VOCAB), window=window)
 
 
 def _ids(batches) -> list[str]:
@@ -106,6 +112,33 @@ def test_raw_batches_are_every_row_in_artifact_order_in_exact_sizes(root, window
     assert _ids(got) == [str(i) for i in range(40)]
     stored = Store(root).read_table("features/t").column("region_ids").to_pylist()
     assert [list(r) for b in got for r in b["region_ids"]] == stored
+
+
+@pytest.mark.parametrize("window", [1000, 5])
+def test_the_manifests_commit_order_does_not_change_the_rows_order(root, window):
+    """Extraction commits parts in a timing-dependent order; training reads them by part name."""
+    store = Store(root)
+    assert [u.rsplit("/", 1)[-1] for u in store.part_uris("features/t2")] != \
+        [u.rsplit("/", 1)[-1] for u in store.part_uris("features/t")]
+    assert [u.rsplit("/", 1)[-1] for u in canonical_part_uris(store, "features/t2")] == \
+        [u.rsplit("/", 1)[-1] for u in canonical_part_uris(store, "features/t")]
+    a, b = _rows(root, window), _rows(root, window, "features/t2")
+    assert _ids(a.epoch_batches(3, 1, per=4)) == _ids(b.epoch_batches(3, 1, per=4))
+    assert _ids(a.raw_batches(7)) == _ids(b.raw_batches(7))
+
+
+def test_canonical_order_is_by_part_name_across_run_folders(tmp_path):
+    store = Store(str(tmp_path))
+    t = pa.table({"x": [1]})
+    names = ("run-b/0c", "run-a/ff", "run-c/1a")  # as extraction's runs write them (mask/pipeline/extract.py)
+    for name in names:
+        store.write_parquet(f"a/parts/{name}.parquet", t)
+    with store.open_artifact("a", kind="k", config_hash="h") as w:
+        for name in names:
+            w.add_existing_part(name)
+        w.commit()
+    assert [u.split("/parts/")[1] for u in canonical_part_uris(store, "a")] == \
+        ["run-b/0c.parquet", "run-c/1a.parquet", "run-a/ff.parquet"]
 
 
 def test_rebatch_keeps_order_and_sizes():

@@ -165,13 +165,24 @@ KNOWLEDGE_COLUMNS = ["image_id", "features", "num_boxes", "feature_dim", "region
 MU_COLUMNS = ["image_id", "features", "num_boxes", "feature_dim"]
 
 
+def canonical_part_uris(store: Store, rel: str) -> list[str]:
+    """The committed parts of an artifact in a canonical order: by part file name.
+
+    Extraction names a part by a hash of its image ids but commits parts in groups as batches finish
+    (every ``detector.commit_every_batches`` batches or ``commit_every_s`` seconds), so the manifest's
+    order depends on timing.  Training reads its rows in this order instead, so a seeded run repeats
+    itself whatever the machine's load was during extraction.
+    """
+    return sorted(store.part_uris(rel), key=lambda u: (u.rsplit("/", 1)[-1], u))
+
+
 def features_dataset(store: Store, rel: str, columns: list[str] | None = None, parts: list[str] | None = None):
-    """The committed parts of a features artifact as a Ray Dataset (read by Ray Data, not the driver);
-    ``parts``: only these (native paths of committed parts, :meth:`Store.path`)."""
+    """The committed parts of a features artifact as a Ray Dataset (read by Ray Data, not the driver), in
+    :func:`canonical_part_uris` order; ``parts``: only these (native paths of committed parts, :meth:`Store.path`)."""
     import ray.data
 
     paths = parts if parts is not None else \
-        [u[len("s3://"):] if u.startswith("s3://") else u for u in store.part_uris(rel)]
+        [u[len("s3://"):] if u.startswith("s3://") else u for u in canonical_part_uris(store, rel)]
     if not paths:
         raise ValueError(f"features artifact {store.uri(rel)} has no rows")
     ds = ray.data.read_parquet(paths, filesystem=store.pyarrow_filesystem(), partitioning=None)

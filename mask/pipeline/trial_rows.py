@@ -13,8 +13,11 @@ map (:class:`mask.pipeline.regionwords.RegionWords`), so a process never holds m
   shuffles each window of ``window`` images — a local shuffle, as Ray Data's
   ``iter_batches(local_shuffle_buffer_size=…)``.  The order depends only on (seed, epoch), so a trial
   restored from its checkpoint continues with the batches it would have seen.
-* **the eq. 2 pass** (:meth:`TrialRows.raw_batches`): every feature row in artifact order, in batches
-  of exactly ``size`` rows across part boundaries (the same batches as one table would give).
+* **the eq. 2 pass** (:meth:`TrialRows.raw_batches`): every feature row, in batches of exactly
+  ``size`` rows across part boundaries.
+
+Parts are read in :func:`mask.pipeline.steps.canonical_part_uris` order (by part name, not by the
+manifest's timing-dependent commit order), as the Ray Train job reads them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mask.pipeline.regionwords import RegionWords
+from mask.pipeline.steps import canonical_part_uris
 from mask.pipeline.train import PairJoin
 from mask.storage import Store
 
@@ -117,7 +121,7 @@ class TrialRows:
         return self.pairs / max(self.images, 1)
 
     def _parts(self) -> list[str]:
-        return self.store.part_uris(self.features_rel)
+        return canonical_part_uris(self.store, self.features_rel)
 
     def _chunks(self, order) -> Iterator[dict[str, np.ndarray]]:
         """Feature rows (``RAW_COLUMNS``) as numpy columns, ``READ_ROWS`` at a time, parts in ``order``."""
@@ -135,7 +139,7 @@ class TrialRows:
             yield raw, self.join(raw)
 
     def raw_batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Every feature row (with ``region_ids``), artifact order, ``size`` rows per batch."""
+        """Every feature row (with ``region_ids``), canonical part order, ``size`` rows per batch."""
         if self.in_memory:
             if self._raw is not None:
                 yield from rebatch(iter([self._raw]), size)
