@@ -200,7 +200,7 @@ def test_missing_knowledge_is_one_line(tmp_path):
 
 RAY_CHATTER = ("Starting execution of Dataset", "Execution plan of Dataset", "execution finished in",
                "Running Dataset:", "Reporting training result", "Checkpoint successfully created",
-               "Progress bars disabled", "Tasks: ", "Active & requested resources", "Token authentication is")
+               "Progress bars disabled", "Tasks: ", "Active & requested resources")
 
 
 def test_main_job_console_has_no_warnings_tracebacks_or_colour_codes(tmp_path, ray_local):

@@ -58,9 +58,6 @@ def init_ray(cfg: MaskConfig) -> None:
             prior = os.environ.get("PYTHONWARNINGS")
             if not prior or quiet not in prior:
                 os.environ["PYTHONWARNINGS"] = f"{prior},{quiet}" if prior else quiet
-            # Ray's documented auth setting, stated rather than left to its default: a new local Ray uses token
-            # authentication either way, but left unset Ray warns about that default on every start
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
             port = _free_local_port()
             # Ray's own components (Ray Train's PlacementGroupCleaner asks the state API every second whether
             # the training controller is alive) find the API server by auto-detecting "the" Ray on the
