@@ -67,6 +67,7 @@ class StackRun:
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # job tag → params/metrics/tags/artifacts
     model_versions: list[dict[str, Any]] = field(default_factory=list)
     stopped: dict[str, bool] = field(default_factory=dict)  # service → its process group is gone
+    stopped_by: dict[str, str] = field(default_factory=dict)  # service → the signals it took to stop
     seconds: dict[str, float] = field(default_factory=dict)
     reindex_present: bool = False
     canaries: tuple[str, str] = ("", "")  # (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) the services had
@@ -101,22 +102,31 @@ def _group_gone(pgid: int) -> bool:
     return False
 
 
-def _stop_group(proc: subprocess.Popen, sig: int, timeout: float) -> bool:
-    """Stop a service we started in its own session: ``sig`` to its PID, then SIGKILL to its group."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
+def _stop_group(proc: subprocess.Popen, sig: int, timeout: float) -> tuple[bool, str]:
+    """Stop a service we started in its own session: ``sig`` to its PID; if it is still running after
+    ``timeout``, SIGTERM to its PID; then SIGKILL to its group (the group of the PID we started, nothing
+    else).  Returns (its group is gone, the step that ended the PID we started)."""
+    how = "already exited"
+    for s, wait_s in ((sig, timeout), (signal.SIGTERM, 30.0)):
+        if proc.poll() is not None:
+            break
+        proc.send_signal(s)
+        how = signal.Signals(s).name
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             pass
     deadline = time.monotonic() + 20
     while not _group_gone(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
     if not _group_gone(proc.pid):
-        os.killpg(proc.pid, signal.SIGKILL)  # the group of the PID we started, nothing else
-        time.sleep(1)
+        how += " + SIGKILL to the group"
+        os.killpg(proc.pid, signal.SIGKILL)
     stop_pid(proc)
-    return _group_gone(proc.pid)
+    deadline = time.monotonic() + 30  # SIGKILLed processes of a loaded machine take a moment to be reaped
+    while not _group_gone(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _group_gone(proc.pid), how
 
 
 def _submit(name: str, dash: int, client_env: dict[str, str], script: str, args: list[str]) -> JobResult:
@@ -219,9 +229,10 @@ def run_full_stack(s3_endpoint: str, bucket: str, work: Path) -> StackRun:
     finally:
         t0 = time.monotonic()
         if head is not None:
-            run.stopped["ray"] = _stop_group(head, signal.SIGINT, 60)  # `ray start --block` stops its processes
+            # `ray start --block` stops its processes on SIGINT
+            run.stopped["ray"], run.stopped_by["ray"] = _stop_group(head, signal.SIGINT, 60)
         if mlflow is not None:
-            run.stopped["mlflow"] = _stop_group(mlflow, signal.SIGTERM, 20)
+            run.stopped["mlflow"], run.stopped_by["mlflow"] = _stop_group(mlflow, signal.SIGTERM, 20)
         run.seconds["stop"] = time.monotonic() - t0
         run.seconds["total"] = time.monotonic() - t_all
     return run

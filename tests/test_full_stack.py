@@ -45,6 +45,7 @@ def _committed(objects: dict[str, bytes], uri: str, storage_root: str) -> dict:
 
 def test_services_started_by_pid_are_stopped(full_stack):
     print("full-stack timings (s):", {k: round(v, 1) for k, v in full_stack.seconds.items()})
+    print("stopped by:", full_stack.stopped_by)
     assert full_stack.stopped == {"ray": True, "mlflow": True}
 
 
