@@ -101,10 +101,8 @@ class TrialRows:
             self.pairs += int(np.sum(joined["num_pairs"])) if _rows(joined) else 0
             if self.raw_images <= self.window:
                 self._keep(raw, joined)
-            else:
+            else:  # more than one window: nothing is kept (dropped as soon as the window is exceeded)
                 self._raw = self._train = None
-        if self.raw_images > self.window:
-            self._raw = self._train = None
 
     def _keep(self, raw: dict[str, np.ndarray], joined: dict[str, np.ndarray]) -> None:
         self._raw = raw if self._raw is None else _concat([self._raw, raw])
