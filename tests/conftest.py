@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray per session, a moto S3 server on loopback, seeded RNGs.
+"""Shared fixtures: one local Ray per session, a moto S3 server on loopback, seeded RNGs, one run of the
+main job (tests/mainjob.py) whose storage root is restored for each module that tests its outputs.
 
 Servers are started here on 127.0.0.1 and stopped by the PID this file started.
 """
@@ -15,10 +16,14 @@ import uuid
 
 import numpy as np
 import pytest
+from mainjob import MainJobRun, run_main_job
 
 # A loaded CI machine can take longer than Ray's default 30 s for a raylet to register; every local Ray
 # this session starts (in-process or in job subprocesses, which inherit the environment) waits longer.
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
+# MLflow's documented pool setting: a connection per operation, so that a store's file restored under the same
+# path (the `main_job` fixture below) is read afresh instead of through a pooled handle on the old file.
+os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
 
 
 def pytest_addoption(parser):
@@ -130,3 +135,26 @@ def full_stack(s3_server, tmp_path_factory):
     run = run_full_stack(s3_server, bucket, tmp_path_factory.mktemp("fullstack"))
     yield run
     cleanup(run)
+
+
+@pytest.fixture(scope="session")
+def main_job_once(ray_local, tmp_path_factory) -> MainJobRun:
+    """The main job on MAIN_JOB_SLICE, run once per session in a subprocess while this session's Ray runs
+    beside it; its storage root is kept as a snapshot for `main_job`."""
+    base = tmp_path_factory.mktemp("main-job")
+    run = run_main_job(base / "root")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    shutil.copytree(run.root, base / "snapshot", symlinks=True)
+    run.snapshot = base / "snapshot"
+    return run
+
+
+@pytest.fixture(scope="module")
+def main_job(main_job_once) -> MainJobRun:
+    """The main job's storage root as that run left it, restored for each module that uses it.
+
+    The root is restored under the path the job ran at, because its manifests, dataset tables and MLflow
+    store name absolute paths; modules run one after another, so each one owns the root while it runs."""
+    shutil.rmtree(main_job_once.root, ignore_errors=True)
+    shutil.copytree(main_job_once.snapshot, main_job_once.root, symlinks=True)
+    return main_job_once

@@ -203,16 +203,15 @@ RAY_CHATTER = ("Starting execution of Dataset", "Execution plan of Dataset", "ex
                "Progress bars disabled", "Tasks: ", "Active & requested resources")
 
 
-def test_main_job_console_has_no_warnings_tracebacks_or_colour_codes(tmp_path, ray_local):
-    """The main job on a tiny demo slice (extraction, Ray Train, the committed index, MLflow; its own local
-    Ray; ~1.5 min, the heaviest test here) writes no Python warning, no traceback and no ANSI escape to a
-    redirected stderr: the read-only NumPy blob (mask/features/extractor.py) is copied before torch,
-    `region_ids` leave the decode stage as lists (no Arrow pickle fallback), Ray's worker-log prefixes are
-    uncoloured (RAY_COLOR_PREFIX=0), and Ray Train's PlacementGroupCleaner reaches this instance's state API
-    (RAY_API_SERVER_ADDRESS, mask/pipeline/runtime.py) instead of timing out on another Ray of the machine
-    (this test session's own Ray runs beside it) with a GetTimeoutError traceback when training ends."""
-    p = _job("jobs/build_knowledge.py", f"storage.root={tmp_path / 'r'}", "dataset.limit=16", "gallery.limit=8",
-             "train.epochs=2", "ray.num_cpus=2", timeout=900)
+def test_main_job_console_has_no_warnings_tracebacks_or_colour_codes(main_job_once):
+    """The main job on the session's demo slice (tests/mainjob.py: extraction, Ray Train, the committed index,
+    MLflow; its own local Ray beside this test session's) writes no Python warning, no traceback and no ANSI
+    escape to a redirected stderr: the read-only NumPy blob (mask/features/extractor.py) is copied before
+    torch, `region_ids` leave the decode stage as lists (no Arrow pickle fallback), Ray's worker-log prefixes
+    are uncoloured (RAY_COLOR_PREFIX=0), and Ray Train's PlacementGroupCleaner reaches this instance's state
+    API (RAY_API_SERVER_ADDRESS, mask/pipeline/runtime.py) instead of timing out on another Ray of the
+    machine with a GetTimeoutError traceback when training ends."""
+    p = main_job_once
     assert p.returncode == 0, p.stderr[-4000:]
     bad = [x for x in p.stderr.splitlines()
            if "Warning:" in x or "Traceback" in x or "\x1b[" in x or "falling back to serialize" in x
@@ -223,4 +222,4 @@ def test_main_job_console_has_no_warnings_tracebacks_or_colour_codes(tmp_path, r
     chatter = [x for x in p.stderr.splitlines() if any(c in x for c in RAY_CHATTER)]
     assert chatter == [], "\n".join(chatter[:20])
     assert "INFO mask.pipeline" in p.stderr
-    assert '"extracted": 16' in p.stdout and '"rsum"' in p.stdout
+    assert '"extracted": 48' in p.stdout and '"rsum"' in p.stdout

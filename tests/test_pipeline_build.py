@@ -8,21 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from mainjob import MAIN_JOB_SLICE
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SMALL = ["dataset.limit=48", "gallery.limit=12", "train.epochs=3", "train.checkpoint_every=1",
-         "detector.batch_size=6", "detector.rpn_post_nms_topk=40"]
-
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local):
-    from jobs import build_knowledge
-
-    root = tmp_path_factory.mktemp("build")
-    summary = build_knowledge.main([f"storage.root={root}", *SMALL])
-    return root, summary
+def built(main_job, ray_local):
+    """The session's main-job run on MAIN_JOB_SLICE (tests/mainjob.py), its root restored for this module."""
+    return main_job.root, main_job.summary
 
 
 def test_main_job_builds_and_evaluates(built):
@@ -33,7 +28,7 @@ def test_main_job_builds_and_evaluates(built):
     f = s["features"]
     assert f["images"] == 48 and f["extracted"] + f["errors"] == 48
     ev = s["evaluation"]
-    assert ev["images"] == 12
+    assert ev["images"] == 10
     for variant in ("mask", "without_prototypes", "without_max_mean", "chance"):
         assert 0.0 <= ev[variant]["rsum"] <= 600.0
     assert "| mask |" in ev["table"]
@@ -45,7 +40,7 @@ def test_main_job_rerun_reuses_committed_work(built):
     from jobs import build_knowledge
 
     root, first = built
-    again = build_knowledge.main([f"storage.root={root}", *SMALL])
+    again = build_knowledge.main([f"storage.root={root}", *MAIN_JOB_SLICE])
     assert again["dataset"]["reused"] is True
     assert again["features"]["done_before"] == 48 and again["features"].get("extracted", 0) == 0
     assert again["training"] == {"reused": True}
@@ -66,7 +61,7 @@ def test_mlflow_run_has_metrics_and_artifacts(built):
     assert any(k.startswith("epoch.loss") for k in run.data.metrics)
     assert run.data.params["model.latent_dim"] == "128"
     hist = client.get_metric_history(run.info.run_id, "epoch.loss")
-    assert len(hist) == 3
+    assert len(hist) == 2  # train.epochs=2
     # modality-gap measures of the trained MTM (mask.alignment) and the knowledge it built
     assert run.data.metrics["gap.prototype.n"] == s["knowledge"]["words"]
     assert 0.0 <= run.data.metrics["gap.prototype.cos_r1"] <= 1.0

@@ -14,23 +14,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from mainjob import MAIN_JOB_SLICE
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SMALL = ["dataset.limit=48", "gallery.limit=10", "train.epochs=2", "train.checkpoint_every=1",
-         "detector.batch_size=6", "detector.rpn_post_nms_topk=40", "scoring.top_k=20"]
+SMALL = MAIN_JOB_SLICE
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, ray_local):
-    from jobs import build_knowledge, score_gallery
+def world(main_job, ray_local):
+    """The session's main-job run (tests/mainjob.py), its root restored for this module, and the gallery
+    scored once more from its knowledge by the gallery job."""
+    from jobs import score_gallery
 
-    root = tmp_path_factory.mktemp("gallery")
+    root = main_job.root
     args = [f"storage.root={root}", *SMALL]
-    built = build_knowledge.main(args)
     scored = score_gallery.main(args)
-    return {"root": root, "args": args, "built": built, "scored": scored}
+    return {"root": root, "args": args, "built": main_job.summary, "scored": scored}
 
 
 def _index(world):

@@ -14,22 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mainjob import MAIN_JOB_SLICE
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SMALL = ["dataset.limit=48", "train.epochs=2", "train.checkpoint_every=1", "detector.batch_size=6",
-         "detector.rpn_post_nms_topk=40", "scoring.top_k=20"]
+#: the session's main-job slice without its gallery size, which the tests here change
+SMALL = [a for a in MAIN_JOB_SLICE if not a.startswith("gallery.limit=")]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, ray_local):
-    from jobs import build_knowledge
-
-    root = tmp_path_factory.mktemp("reindex")
-    args = [f"storage.root={root}", *SMALL, "gallery.limit=10"]
-    built = build_knowledge.main(args)
-    return {"root": root, "built": built}
+def world(main_job, ray_local):
+    """The session's main-job run (tests/mainjob.py: 10 gallery images), its root restored for this module."""
+    return {"root": main_job.root, "built": main_job.summary}
 
 
 def _args(world, limit, *more):
