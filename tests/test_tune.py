@@ -300,7 +300,9 @@ def test_best_config_is_a_loadable_config_with_registered_knowledge(swept):
     best = s["best"]
     assert cfg.loss.lambda_cm == pytest.approx(best["config"]["loss"]["lambda_cm"])
     assert cfg.loss.tau == best["config"]["loss"]["tau"]
-    assert cfg.knowledge.m == best["m"] and cfg.train.epochs == best["epochs"] == 2
+    # the config trains as long as the best trial did: ASHA (grace 1) may have stopped the trial whose last
+    # score is the best after its first epoch (Tune's best is by the last result; tune_best.py)
+    assert cfg.knowledge.m == best["m"] and cfg.train.epochs == best["epochs"] and best["epochs"] in (1, 2)
     assert cfg.rerank.alpha == best["rerank"]["alpha"] and cfg.rerank.k == best["rerank"]["k"]
     assert cfg.knowledge.version == s["knowledge"]["version"]
     store = Store(str(swept["root"]))
