@@ -249,9 +249,9 @@ def test_extraction_scales_out_to_gpu_nodes_and_survives_a_node_loss(sim):
           f"batches by node {s['batches_by_node']}")
 
 
-def test_training_resumes_after_a_node_loss_and_idle_nodes_scale_down(sim):
-    cluster, bucket, endpoint = sim
-    prefix = "train"
+def _train_and_lose_a_node(cluster, bucket: str, endpoint: str, prefix: str) -> tuple[dict, str, str, float]:
+    """jobs/train.py on the sim cluster; the node of its worker SIGKILLed once two checkpoints exist.
+    Returns the training summary, the killed node, the node the worker was seen on, and the seconds."""
     args = [f"storage.root=s3://{bucket}/{prefix}", "dataset.limit=12", "train.epochs=20", "train.checkpoint_every=1",
             "train.use_gpu=true", "train.dist_backend=gloo", "train.num_workers=1", "train.cpus_per_worker=1", "train.max_failures=3",
             "train.batch_size=64", *DETECTOR]
@@ -274,11 +274,22 @@ def test_training_resumes_after_a_node_loss_and_idle_nodes_scale_down(sim):
 
     killed = _kill_a_node_when(cluster, a_checkpoint_exists, job, timeout=1200)
     status, out = job.finish(1200)
-    secs = time.monotonic() - t0
     assert status == "SUCCEEDED", out[-5000:]
-    t = _summary(out)["training"]
+    return _summary(out)["training"], killed, seen_train_node.get("node", ""), time.monotonic() - t0
+
+
+def test_training_resumes_after_a_node_loss_and_idle_nodes_scale_down(sim):
+    cluster, bucket, endpoint = sim
+    for attempt in (1, 2):
+        t, killed, seen, secs = _train_and_lose_a_node(cluster, bucket, endpoint, f"train{attempt}")
+        if t["resumes"] >= 1:
+            break
+        # a CI run of this session: the worker's node was killed, yet the run finished on its first worker
+        # (resumes 0, final epoch 19) -- the kill landed after the last epoch on a loaded machine; the
+        # fault must land during training, so one fresh run more (a broken resume fails both)
+        print(f"\nattempt {attempt}: node killed but training not interrupted: {t}")
     assert t["resumes"] >= 1 and t["final_epoch"] == 19, t
-    assert killed == seen_train_node["node"]
+    assert killed == seen
     # idle GPU nodes go away after the jobs (idle_timeout_minutes=0.5 in the sim's autoscaling config; with 0.1
     # the autoscaler once removed an idle GPU node while Ray Data was placing a Parquet FooterReader actor on it
     # between two stages, and the job failed)
