@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from mask.pipeline.regionwords import RegionWords
-from mask.pipeline.steps import canonical_part_uris
+from mask.pipeline.steps import canonical_part_uris, features_dataset
 from mask.pipeline.train import PairJoin
 from mask.pipeline.trial_rows import RAW_COLUMNS, TrialRows, rebatch
 from mask.storage import Store
@@ -139,6 +139,27 @@ def test_canonical_order_is_by_part_name_across_run_folders(tmp_path):
         w.commit()
     assert [u.split("/parts/")[1] for u in canonical_part_uris(store, "a")] == \
         ["run-b/0c.parquet", "run-c/1a.parquet", "run-a/ff.parquet"]
+
+
+def test_features_dataset_reads_every_committed_part_once_by_its_manifest(root, ray_local):
+    """No listing (Ray 2.60's V2 ``ListFiles`` task can print an InterruptedError traceback) and no sampling
+    (the V1 reader's remote tasks and progress bar): the read tasks come from the manifest, with its row
+    counts, and read the rows in canonical part order, only the asked columns."""
+    store = Store(root)
+    ds = features_dataset(store, "features/t2", columns=["image_id", "num_boxes"])
+    plan = ds._logical_plan.dag.dag_str
+    assert plan == "Read[ReadCommittedParts]", plan
+    assert ds.count() == 40  # from the read tasks' metadata
+    rows = ds.take_all()
+    assert [r["image_id"] for r in rows] == [str(i) for i in range(40)]  # parts committed out of order
+    assert set(rows[0]) == {"image_id", "num_boxes"}
+    some = sorted(store.path("features/t2", f"parts/p{i:02d}.parquet") for i in (8, 32))
+    assert [r["image_id"] for r in features_dataset(store, "features/t2", ["image_id"], parts=some).take_all()] \
+        == [str(i) for i in [*range(8, 16), *range(32, 40)]]
+    with pytest.raises(ValueError, match=r"not committed parts: \['/nope.parquet'\]"):
+        features_dataset(store, "features/t2", parts=["/nope.parquet"])
+    with pytest.raises(ValueError, match=r"no column\(s\) \['nope'\]"):
+        features_dataset(store, "features/t2", columns=["nope"])
 
 
 def test_rebatch_keeps_order_and_sizes():

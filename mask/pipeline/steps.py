@@ -173,20 +173,41 @@ def canonical_part_uris(store: Store, rel: str) -> list[str]:
     order depends on timing.  Training reads its rows in this order instead, so a seeded run repeats
     itself whatever the machine's load was during extraction.
     """
-    return sorted(store.part_uris(rel), key=lambda u: (u.rsplit("/", 1)[-1], u))
+    return sorted(store.part_uris(rel), key=_canonical_key)
+
+
+def _canonical_key(uri: str) -> tuple[str, str]:
+    return uri.rsplit("/", 1)[-1], uri
 
 
 def features_dataset(store: Store, rel: str, columns: list[str] | None = None, parts: list[str] | None = None):
-    """The committed parts of a features artifact as a Ray Dataset (read by Ray Data, not the driver), in
-    :func:`canonical_part_uris` order; ``parts``: only these (native paths of committed parts, :meth:`Store.path`)."""
+    """The committed parts of a features artifact as a Ray Dataset (read by Ray Data's tasks, not the driver),
+    in :func:`canonical_part_uris` order; ``parts``: only these (native paths of committed parts,
+    :meth:`Store.path`).  The manifest is the reader's index (:mod:`mask.pipeline.parts_source`): every
+    read task's rows and bytes are known before it runs, and nothing is listed or sampled.
+
+    Raises:
+        ArtifactNotFound: nothing committed at ``rel``.
+        ValueError: no parts to read, or a path of ``parts`` is not a committed part of ``rel``.
+    """
     import ray.data
 
-    paths = parts if parts is not None else \
-        [u[len("s3://"):] if u.startswith("s3://") else u for u in canonical_part_uris(store, rel)]
-    if not paths:
+    from mask.pipeline.parts_source import CommittedPartsDatasource, Part
+
+    entries, schema = store.committed_parts(rel)
+    by_path = {e["native"]: e for e in entries}
+    if parts is None:
+        chosen = sorted(entries, key=lambda e: _canonical_key(e["uri"]))
+    else:
+        unknown = [p for p in parts if p not in by_path]
+        if unknown:
+            raise ValueError(f"features artifact {store.uri(rel)}: not committed parts: {unknown[:3]}")
+        chosen = [by_path[p] for p in parts]
+    if not chosen:
         raise ValueError(f"features artifact {store.uri(rel)} has no rows")
-    ds = ray.data.read_parquet(paths, filesystem=store.pyarrow_filesystem(), partitioning=None)
-    return ds.select_columns(columns) if columns else ds
+    source = CommittedPartsDatasource([Part(e["native"], e.get("rows"), e.get("bytes")) for e in chosen],
+                                      store.pyarrow_filesystem(), schema=schema, columns=columns)
+    return ray.data.read_datasource(source)
 
 
 def vocabulary(cfg: MaskConfig, regions: pa.Table, kv) -> dict[str, Any]:

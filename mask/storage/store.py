@@ -390,6 +390,20 @@ class Store:
         except FileNotFoundError as e:
             raise StorageError(f"artifact {self.uri(rel)} is damaged: a committed part is missing ({e})") from None
 
+    def committed_parts(self, rel: str) -> tuple[list[dict[str, Any]], pa.Schema | None]:
+        """The committed parts as the manifest lists them, each with its fs-native ``native`` path (for
+        :meth:`pyarrow_filesystem`) and ``uri``, and the artifact's schema (None if not recorded).
+
+        Raises:
+            ArtifactNotFound: nothing committed at ``rel``.
+        """
+        m = self._require(rel)
+        parts = []
+        for p in m.get("parts") or []:
+            rel_part = p.get("path") or f"{PARTS_DIR}/{p['name']}.parquet"
+            parts.append({**p, "native": self.path(rel, rel_part), "uri": self.uri(rel, rel_part)})
+        return parts, (_schema_from_b64(m["schema"]) if m.get("schema") else None)
+
     def part_uris(self, rel: str) -> list[str]:
         """URIs of the committed parts (for ``ray.data.read_parquet``); ArtifactNotFound if not committed."""
         m = self._require(rel)
