@@ -16,7 +16,6 @@ the jobs the same way (``AWS_ENDPOINT_URL``, read by :mod:`mask.storage`).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -248,15 +247,6 @@ def bucket_objects(s3_endpoint: str, bucket: str) -> dict[str, bytes]:
         for o in page.get("Contents", []):
             out[o["Key"]] = s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
     return out
-
-
-def summary_json(output: str) -> dict[str, Any]:
-    """The job's summary: the last top-level JSON object it printed."""
-    start = output.rfind("\n{\n")
-    end = output.find("\n}\n", start)
-    if start < 0 or end < 0:
-        raise AssertionError(f"no JSON summary in the job output: ...{output[-2000:]}")
-    return json.loads(output[start + 1:end + 2])
 
 
 def cleanup(run: StackRun) -> None:

@@ -35,15 +35,21 @@ class MainJobRun:
     snapshot: Path | None = None
 
 
+def summary_json(output: str) -> dict[str, Any]:
+    """The job's summary: the last top-level JSON object it printed (``ray job submit`` prints more after it)."""
+    start = output.rfind("\n{\n")
+    end = output.find("\n}\n", start)
+    if start < 0 or end < 0:
+        raise AssertionError(f"no JSON summary in the job output: ...{output[-2000:]}")
+    return json.loads(output[start + 1:end + 2])
+
+
 def summary_of(stdout: str) -> dict[str, Any]:
-    """The job's summary as ``main()`` returns it: the JSON object it prints, with the results table it
-    prints before it back in ``evaluation.table``."""
-    start = stdout.find("\n{\n")
-    if start < 0:
-        return {}
-    summary = json.loads(stdout[start + 1:])
+    """The job's summary as ``main()`` returns it: :func:`summary_json`, with the results table it prints
+    before it back in ``evaluation.table``."""
+    summary = summary_json(stdout)
     if "evaluation" in summary:
-        summary["evaluation"]["table"] = stdout[:start + 1]
+        summary["evaluation"]["table"] = stdout[:stdout.rfind("\n{\n") + 1]
     return summary
 
 

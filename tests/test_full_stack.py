@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from fullstack import REGISTERED_MODEL, bucket_objects, summary_json
+from fullstack import REGISTERED_MODEL, bucket_objects
+from mainjob import summary_json
 
 pytestmark = pytest.mark.integration
 
