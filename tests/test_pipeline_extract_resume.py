@@ -146,8 +146,11 @@ def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+    # the rerun batches 8 images at a time: batch size and commit cadence are execution fields, not part of the
+    # features' identity (mask.pipeline.identity.extractor_name), so it resumes the same artifact
+    rerun = [a for a in args if not a.startswith(("detector.batch_size=", "detector.commit_every"))]
     try:
-        _rerun_and_check(args, store, rel, ids, started)
+        _rerun_and_check([*rerun, "detector.batch_size=8"], store, rel, ids, started)
     finally:
         # Ray processes the killed driver started: its agents outlive it (they report the raylet's unexpected
         # death to the already dead GCS, with Ray's 60 s timeout, before exiting); stop what is left

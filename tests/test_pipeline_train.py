@@ -278,7 +278,8 @@ def test_collate_matches_naive_padding(rng):
 
 
 def test_pair_join_matches_arrow_reference(rng):
-    from mask.pipeline.train import PairJoin, training_table
+    from mask.pipeline.pair_join import PairJoin
+    from mask.pipeline.train import training_table
 
     counts, feats, rids = _rows(rng, 8)
     features = pa.table({"image_id": [f"i{i}" for i in range(8)],

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from mask.pipeline.pair_join import PairJoin
 from mask.pipeline.regionwords import RegionWords
 from mask.pipeline.steps import canonical_part_uris, features_dataset
-from mask.pipeline.train import PairJoin
 from mask.pipeline.trial_rows import RAW_COLUMNS, TrialRows, rebatch
 from mask.storage import Store
 

@@ -184,8 +184,10 @@ def test_new_knowledge_rescores_but_reuses_features(world):
     from jobs import build_knowledge, reindex
     from mask.pipeline.index import read_index_file
 
-    # k2's main job evaluates on the first 10 images: it commits an index of that gallery (10 μ of k2)
-    k2 = build_knowledge.main(_args(world, 10, "train.epochs=3"))
+    # k2: another knowledge version of the same trained model (OOD's top-m, eq. 11; no training run).  Its main
+    # job evaluates on the first 10 images: it commits an index of that gallery (10 μ of k2)
+    k2 = build_knowledge.main(_args(world, 10, "knowledge.m=3"))
+    assert k2["training"]["reused"] is True
     assert k2["knowledge"]["uri"] != world["built"]["knowledge"]["uri"]
     k2_index = read_index_file(_store(world), f"indexes/demo_gallery/{k2['evaluation']['index']['version']}",
                                "metrics.json")["reuse"]

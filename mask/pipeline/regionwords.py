@@ -1,6 +1,6 @@
 """region_id → vocabulary words, read from the ``regions`` artifact where it is used, part by part.
 
-The training join (:class:`mask.pipeline.train.PairJoin`) and the eq. 2 pass
+The training join (:class:`mask.pipeline.pair_join.PairJoin`) and the eq. 2 pass
 (:class:`mask.pipeline.represent.MuStage`) need the words of every VG region they see.  Building a
 Python dict of all ~3.8M regions in the driver and shipping it to the actors made the driver's memory
 grow with the dataset.  :class:`RegionWords` is the description instead (storage root, artifact,

@@ -43,6 +43,7 @@ from mask.losses import NonFiniteLoss, check_finite, loss_shares, mask_loss
 from mask.models import PrototypeTable, build_model, save_pae
 from mask.pipeline.console import quiet_train_worker, train_log_level
 from mask.pipeline.identity import train_run_name
+from mask.pipeline.pair_join import PairJoin
 from mask.pipeline.regionwords import RegionWords
 from mask.pipeline.resources import ensure_gpus, node_cpus
 from mask.pipeline.runtime import JobContext, job_run
@@ -81,54 +82,6 @@ class TrainModule(torch.nn.Module):
 
 
 # ---------------------------------------------------------------- data
-
-
-class PairJoin:
-    """Ray Data stage: feature rows + VG region words → training rows (``pair_slot``, ``pair_word``).
-
-    The region → word-ids map is held once per actor.  Rows whose regions carry no vocabulary word
-    are dropped (they have nothing to align).
-
-    Args:
-        region_words: region_id → word indices into the vocabulary: a dict, or a
-            :class:`mask.pipeline.regionwords.RegionWords` (loaded in the actor from the regions artifact).
-    """
-
-    def __init__(self, region_words):
-        self.region_words = region_words
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keep: list[int] = []
-        slots_col: list[np.ndarray] = []
-        words_col: list[np.ndarray] = []
-        lookup = getattr(self.region_words, "ids_of", None)
-        for i, rids in enumerate(batch["region_ids"]):
-            slots: list[int] = []
-            wids: list[int] = []
-            rids = [str(r) for r in (rids if rids is not None else ())]
-            per_region = lookup(rids) if lookup is not None else [self.region_words.get(r, ()) for r in rids]
-            for s, ws in enumerate(per_region):
-                for w in ws:
-                    slots.append(s)
-                    wids.append(int(w))
-            if slots:
-                keep.append(i)
-                slots_col.append(np.asarray(slots, np.int32))
-                words_col.append(np.asarray(wids, np.int32))
-        idx = np.asarray(keep, np.int64)
-        return {"image_id": np.asarray(batch["image_id"])[idx],
-                "features": np.asarray(batch["features"])[idx],
-                "num_boxes": np.asarray(batch["num_boxes"])[idx].astype(np.int32),
-                "feature_dim": np.asarray(batch["feature_dim"])[idx].astype(np.int32),
-                "pair_slot": _objects(slots_col), "pair_word": _objects(words_col),
-                "num_pairs": np.asarray([len(s) for s in slots_col], np.int64)}
-
-
-def _objects(items: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(items), dtype=object)
-    for i, x in enumerate(items):
-        out[i] = x
-    return out
 
 
 def collate(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -620,7 +573,7 @@ def training_dataset(store: Store, features_rel_: str, region_words: dict[str, l
                      word_index: dict[str, int]):
     """Training rows through Ray Data: the features artifact joined with the VG region words.
 
-    :class:`mask.pipeline.train.PairJoin` runs in one actor that holds the region → word-ids map;
+    :class:`mask.pipeline.pair_join.PairJoin` runs in one actor that holds the region → word-ids map;
     the result is materialised in Ray's object store (spilling to disk when large), so every epoch
     iterates it without re-reading storage and the trainer's workers can take every CPU.
 

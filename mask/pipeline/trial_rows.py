@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from mask.pipeline.pair_join import PairJoin
 from mask.pipeline.regionwords import RegionWords
 from mask.pipeline.steps import canonical_part_uris
-from mask.pipeline.train import PairJoin
 from mask.storage import Store
 
 FEATURE_COLUMNS = ["image_id", "features", "num_boxes", "feature_dim"]
