@@ -109,7 +109,7 @@ class Store:
         """A pyarrow filesystem for the same location; pair it with :meth:`path` (native paths).
 
         Usable with ``pq.read_table(store.path(...), filesystem=...)`` and
-        ``ray.data.read_parquet(store.path(...), filesystem=...)`` (it pickles).
+        Ray Data read tasks (it pickles; :mod:`mask.pipeline.parts_source`).
         """
         if self._pa_fs is None:
             if self.protocol == "file":
@@ -405,7 +405,7 @@ class Store:
         return parts, (_schema_from_b64(m["schema"]) if m.get("schema") else None)
 
     def part_uris(self, rel: str) -> list[str]:
-        """URIs of the committed parts (for ``ray.data.read_parquet``); ArtifactNotFound if not committed."""
+        """URIs of the committed parts, in manifest order; ArtifactNotFound if not committed."""
         m = self._require(rel)
         return [self.uri(rel, p.get("path") or f"{PARTS_DIR}/{p['name']}.parquet") for p in m.get("parts") or []]
 
