@@ -146,6 +146,10 @@ def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+    # the killed driver's Ray workers would linger ~60 s (their GCS time-out) and may still write a part (parts
+    # are written by Ray tasks, committed only by the driver): they die too, as on a lost node, so the orphans
+    # are counted when nothing writes any more
+    _kill_the_writers(started)
     # the rerun batches 8 images at a time: batch size and commit cadence are execution fields, not part of the
     # features' identity (mask.pipeline.identity.extractor_name), so it resumes the same artifact
     rerun = [a for a in args if not a.startswith(("detector.batch_size=", "detector.commit_every"))]
@@ -156,6 +160,31 @@ def test_sigkilled_driver_resumes_and_its_orphans_are_swept(tmp_path):
         # death to the already dead GCS, with Ray's 60 s timeout, before exiting); stop what is left
         _stop_leftovers(list(started.values()))
     assert not [p for p in started.values() if _alive(p)], "a Ray process of the test outlived SIGKILL"
+
+
+def _kill_the_writers(started: dict) -> None:
+    """SIGKILL the Ray worker processes (``ray::…``, ``default_worker.py``) among the recorded processes and
+    their children (recorded too), and wait until they are gone."""
+    import psutil
+
+    for p in list(started.values()):
+        with contextlib.suppress(psutil.Error):
+            for c in p.children(recursive=True):
+                started.setdefault(c.pid, c)
+    procs = list(started.values())
+
+    def worker(p) -> bool:
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(p.cmdline())
+            return _alive(p) and (cmd.startswith("ray::") or "default_worker.py" in cmd)
+        return False
+
+    workers = [p for p in procs if worker(p)]
+    for p in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"Ray workers of the killed driver survived SIGKILL: {[p.pid for p in alive]}"
 
 
 def _alive(p) -> bool:
