@@ -41,3 +41,31 @@ def test_matches_the_dict_and_pickles_without_its_arrays(tmp_path):
     assert len(blob) < 1000  # the description travels, not the loaded arrays
     again = pickle.loads(blob)
     assert [list(x) for x in again.ids_of(rids[:50])] == [list(x) for x in got[:50]]
+
+
+def test_loaded_once_per_process_until_the_artifact_is_committed_again(tmp_path, monkeypatch):
+    """The training join runs in Ray tasks, each with its own unpickled RegionWords: the arrays are built once
+    per process for one committed manifest, and built again when the artifact is rewritten."""
+    store = Store(str(tmp_path))
+
+    def commit(table: pa.Table, name: str) -> None:
+        with store.open_artifact("datasets/x/regions", kind="regions", config_hash="h") as w:
+            w.write_part(table, name=name)
+            w.commit()
+
+    built = []
+    real = RegionWords._build
+    monkeypatch.setattr(RegionWords, "_build", lambda self, s: (built.append(1), real(self, s))[1])
+    vocab = ["car", "cat", "dog", "red", "tree"]
+    commit(_regions(50, seed=1), "p0")
+    rw = RegionWords(str(tmp_path), {}, "datasets/x/regions", vocab)
+    first = [list(x) for x in rw.ids_of(["1000", "1001", "1002"])]
+    for _ in range(3):  # a task each: a fresh copy from its pickled description
+        copy = pickle.loads(pickle.dumps(rw))
+        assert [list(x) for x in copy.ids_of(["1000", "1001", "1002"])] == first
+    assert len(built) == 1
+    table = pa.table({"image_id": ["0"], "region_id": ["1000"], "words": [["tree"]]})
+    commit(table, "p1")  # the same artifact, committed again with other words
+    copy = pickle.loads(pickle.dumps(rw))
+    assert [list(x) for x in copy.ids_of(["1000", "1001"])] == [[4], []]
+    assert len(built) == 2

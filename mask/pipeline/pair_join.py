@@ -1,8 +1,12 @@
 """The training join: feature rows + VG region words → training rows (``pair_slot``, ``pair_word``).
 
-:class:`PairJoin` is a Ray Data stage that runs in its own actor (:func:`mask.pipeline.train.training_dataset`).
-It lives apart from the trainer, with numpy only, so that its actor starts without importing torch,
-torchvision and the models (~3–5 s per training run on a 2-core machine).
+:class:`PairJoin` is a Ray Data stage that runs as Ray tasks (:func:`mask.pipeline.train.training_dataset`).
+Tasks, not an actor: the joined rows are materialised in Ray's object store, and when a node that held some of
+them is lost, Ray rebuilds them by lineage, which re-runs the tasks that made them. An actor stage's rows
+cannot be rebuilt once its pool has shut down (seen on the simulated cluster: the restarted actor's creation
+argument had already been released, and the training failed on every retry).
+It lives apart from the trainer, with numpy only, so that its tasks start without importing torch,
+torchvision and the models (~3–5 s per worker on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import numpy as np
 class PairJoin:
     """Ray Data stage: feature rows + VG region words → training rows (``pair_slot``, ``pair_word``).
 
-    The region → word-ids map is held once per actor.  Rows whose regions carry no vocabulary word
-    are dropped (they have nothing to align).
+    An instance is the stage's function (Ray Data runs it in tasks).  Rows whose regions carry no vocabulary
+    word are dropped (they have nothing to align).
 
     Args:
         region_words: region_id → word indices into the vocabulary: a dict, or a
-            :class:`mask.pipeline.regionwords.RegionWords` (loaded in the actor from the regions artifact).
+            :class:`mask.pipeline.regionwords.RegionWords` (loaded from the regions artifact once per worker
+            process).
     """
 
     def __init__(self, region_words):

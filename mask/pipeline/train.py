@@ -573,23 +573,20 @@ def training_dataset(store: Store, features_rel_: str, region_words: dict[str, l
                      word_index: dict[str, int]):
     """Training rows through Ray Data: the features artifact joined with the VG region words.
 
-    :class:`mask.pipeline.pair_join.PairJoin` runs in one actor that holds the region → word-ids map;
-    the result is materialised in Ray's object store (spilling to disk when large), so every epoch
+    :class:`mask.pipeline.pair_join.PairJoin` runs in Ray tasks (their rows can be rebuilt by lineage when a
+    node is lost); the result is materialised in Ray's object store (spilling to disk when large), so every epoch
     iterates it without re-reading storage and the trainer's workers can take every CPU.
 
     Returns:
         ``(dataset, {"images", "pairs"})``.
     """
-    import ray.data
-
     ids = region_words if isinstance(region_words, RegionWords) else \
         {rid: [word_index[w] for w in ws] for rid, ws in region_words.items()}
     ds = features_dataset(store, features_rel_, KNOWLEDGE_COLUMNS)
     # a seeded training sees the same rows in the same order on every run: Ray Data keeps the order of the
     # blocks (ExecutionOptions.preserve_order) here and in Ray Train's ingest (ingest_options)
     ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(PairJoin, fn_constructor_args=(ids,), batch_size=256,
-                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").materialize()
+    ds = ds.map_batches(PairJoin(ids), batch_size=256, batch_format="numpy").materialize()
     # Ray Train splits this dataset again every epoch (in its SplitCoordinator actor); a progress bar per epoch
     # split is noise (the materialisation above had its bar, training reports its epochs).  Ray Data's warning
     # that this setting causes is kept off the console by mask.pipeline.console.
