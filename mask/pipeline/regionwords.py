@@ -13,6 +13,8 @@ chance of any collision is ~4e-7.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -67,9 +69,6 @@ class RegionWords:
         self.__init__(state["root"], state["options"], state["rel"], state["words"])
 
     def _load(self) -> None:
-        import hashlib
-        import json
-
         store = Store(self.root, self.options)
         key = hashlib.sha256(json.dumps([self.root, self.rel, self.words, store.manifest(self.rel)],
                                         sort_keys=True, default=str).encode()).hexdigest()

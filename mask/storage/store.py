@@ -406,8 +406,7 @@ class Store:
 
     def part_uris(self, rel: str) -> list[str]:
         """URIs of the committed parts, in manifest order; ArtifactNotFound if not committed."""
-        m = self._require(rel)
-        return [self.uri(rel, p.get("path") or f"{PARTS_DIR}/{p['name']}.parquet") for p in m.get("parts") or []]
+        return [e["uri"] for e in self.committed_parts(rel)[0]]
 
     def read_file(self, rel: str, name: str) -> bytes:
         """An extra file listed in the manifest (e.g. ``pae.safetensors``), checked against its SHA-256.
